@@ -1,0 +1,1 @@
+"""Joint registration and segmentation for adaptive radiotherapy of prostate cancer."""

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.networks.blocks import Warp
+
+from prostate_jrs.geometry import array_from_image, image_from_array, index_to_world, resample_with_ddf, world_to_index
+
+
+def _image(size, spacing, origin, direction=None, seed=0):
+    array = np.random.default_rng(seed).normal(size=size).astype(np.float32)
+    image = image_from_array(array, _grid(size, spacing, origin, direction))
+    return image, array
+
+
+def _grid(size, spacing, origin, direction=None):
+    grid = sitk.Image(list(size), sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(origin)
+    if direction is not None:
+        grid.SetDirection(direction)
+    return grid
+
+
+def test_array_order_is_ijk():
+    image, array = _image((5, 4, 3), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0))
+    assert array_from_image(image).shape == (5, 4, 3)
+    assert image.GetPixel(4, 1, 2) == pytest.approx(array[4, 1, 2])
+    vector = image_from_array(np.zeros((5, 4, 3, 3), np.float32), image, is_vector=True)
+    assert vector.GetNumberOfComponentsPerPixel() == 3
+    assert array_from_image(vector).shape == (5, 4, 3, 3)
+
+
+def test_index_to_world_matches_simpleitk_for_oblique_grids():
+    # FFS-like direction (x and z flipped) plus a small rotation about z
+    angle = np.deg2rad(7.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    direction = (rotation @ np.diag([-1.0, 1.0, -1.0])).ravel().tolist()
+    image, _ = _image((6, 5, 4), (0.9, 1.1, 2.5), (-10.0, 20.0, 5.0), direction)
+    matrix = index_to_world(image)
+    for index in [(0, 0, 0), (5, 4, 3), (2, 3, 1)]:
+        assert np.allclose(matrix @ (*index, 1.0), (*image.TransformIndexToPhysicalPoint(index), 1.0))
+    assert np.allclose(world_to_index(image) @ matrix, np.eye(4))
+
+
+def test_zero_ddf_on_same_grid_is_identity_and_matches_monai_warp():
+    image, array = _image((12, 10, 8), (2.0, 2.0, 3.0), (1.0, 2.0, 3.0))
+    assert np.allclose(resample_with_ddf(image, image, None), array, atol=1e-5)
+    ddf = np.random.default_rng(1).uniform(-1.5, 1.5, size=(3, 12, 10, 8)).astype(np.float32)
+    ours = resample_with_ddf(image, image, ddf, order=1)
+    theirs = Warp(mode="bilinear", padding_mode="zeros")(torch.from_numpy(array)[None, None], torch.from_numpy(ddf)[None])
+    inside = np.all((np.indices(array.shape) + ddf >= 0) & (np.indices(array.shape) + ddf <= np.array(array.shape)[:, None, None, None] - 1), axis=0)
+    assert np.allclose(ours[inside], theirs[0, 0].numpy()[inside], atol=1e-4)
+
+
+def test_resampling_across_grids_goes_through_world_coordinates():
+    moving, moving_array = _image((20, 20, 10), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    # fixed grid shifted by exactly 3 moving voxels along i and 1 slice along k, with double spacing in-plane
+    fixed = _grid((8, 8, 4), (2.0, 2.0, 2.0), (3.0, 0.0, 2.0))
+    out = resample_with_ddf(moving, fixed, None, order=0)
+    assert out[0, 0, 0] == moving_array[3, 0, 1]
+    assert out[2, 1, 1] == moving_array[7, 2, 2]
+    shift = np.zeros((3, 8, 8, 4), np.float32)
+    shift[0] = 1.0  # one fixed voxel along i = 2 mm = 2 moving voxels
+    assert resample_with_ddf(moving, fixed, shift, order=0)[0, 0, 0] == moving_array[5, 0, 1]
+    with pytest.raises(ValueError, match="does not match fixed grid"):
+        resample_with_ddf(moving, fixed, shift[:, :4])

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from prostate_jrs.metrics import deformation_quality, jacobian_determinant, structure_metrics
+
+
+def _ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):
+    grid = np.indices(shape).astype(float) * np.asarray(spacing)[:, None, None, None]
+    return np.sum((grid - np.asarray(centre)[:, None, None, None]) ** 2, axis=0) <= radius**2
+
+
+def test_identical_maps_score_perfectly_and_empty_structures_are_handled():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[_ball(labels.shape, (15, 15, 15), 6)] = 1
+    labels[_ball(labels.shape, (15, 15, 25), 3)] = 4
+    result = structure_metrics(labels, labels, (1.0, 1.0, 1.0))
+    assert result["prostate"].dsc == pytest.approx(1.0)
+    assert result["prostate"].msd_mm == pytest.approx(0.0)
+    assert result["prostate"].hd95_mm == pytest.approx(0.0)
+    assert result["rectum"].dsc == 1.0 and math.isnan(result["rectum"].msd_mm)
+    missing = labels.copy()
+    missing[missing == 4] = 0
+    assert structure_metrics(missing, labels, (1.0, 1.0, 1.0))["bladder"].dsc == 0.0
+
+
+def test_shifted_ball_gives_expected_distances_in_mm():
+    spacing = (2.0, 2.0, 2.0)
+    reference = _ball((40, 40, 40), (40, 40, 40), 16, spacing).astype(np.uint8)
+    shifted = np.roll(reference, 2, axis=0)  # 4 mm along i
+    result = structure_metrics(shifted, reference, spacing)["prostate"]
+    assert 0.5 < result.dsc < 0.95
+    assert result.hd95_mm == pytest.approx(4.0, abs=0.5)
+    assert 1.0 < result.msd_mm < 4.0
+    assert result.volume_ml == pytest.approx(result.reference_volume_ml)
+    assert result.reference_volume_ml == pytest.approx(4 / 3 * math.pi * 16**3 / 1000, rel=0.1)
+
+
+def test_shape_and_spacing_are_checked():
+    with pytest.raises(ValueError, match="differ in shape"):
+        structure_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        structure_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 1))
+
+
+def test_jacobian_of_affine_field_is_its_determinant():
+    matrix = np.array([[0.1, 0.02, 0.0], [0.0, -0.05, 0.03], [0.01, 0.0, 0.2]])
+    grid = np.indices((10, 12, 14)).astype(float)
+    ddf = np.tensordot(matrix, grid, axes=1)
+    det = jacobian_determinant(ddf)
+    assert np.allclose(det, np.linalg.det(np.eye(3) + matrix))
+    quality = deformation_quality(ddf)
+    assert quality.folding_fraction == 0.0 and quality.jacobian_std < 1e-9
+
+
+def test_folding_is_counted_inside_the_mask():
+    ddf = np.zeros((3, 10, 10, 10))
+    ddf[0, 5:, :, :] = -3.0 * np.arange(5)[:, None, None]  # i -> i - 3(i-5): folds for i > 5
+    quality = deformation_quality(ddf)
+    assert quality.folding_fraction > 0.3 and quality.jacobian_min < 0
+    mask = np.zeros((10, 10, 10), bool)
+    mask[:4] = True
+    assert deformation_quality(ddf, mask).folding_fraction == 0.0
+    with pytest.raises(ValueError, match="selects no voxel"):
+        deformation_quality(ddf, np.zeros((10, 10, 10), bool))
