@@ -1,0 +1,282 @@
+"""Read a CT Image Storage series into a :class:`SimpleITK.Image` with DICOM (LPS) geometry.
+
+Slices are ordered by the position of their Image Position (Patient) along the slice normal (the cross
+product of the row and column direction cosines), never by Instance Number, so head-first, feet-first,
+supine and prone series (HFS, FFS, HFP, ...) all come out with the same world geometry. The image's
+direction matrix has the columns ``[row cosine, column cosine, slice normal]``; the slice spacing is
+measured from the positions and must be uniform.
+
+The reader refuses (with :class:`CTSeriesError`, naming the files) anything it cannot turn into one regular
+grid: mixed series, frames of reference or orientations, differing pixel spacing or matrix size, duplicate
+or missing slices, slices shifted in-plane (gantry tilt), multi-frame images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+__all__ = [
+    "METADATA_KEYS",
+    "CTSeriesError",
+    "CTVolume",
+    "read_ct_series",
+    "slice_normal",
+    "tag_name",
+]
+
+METADATA_KEYS: dict[str, str] = {
+    "FrameOfReferenceUID": "0020|0052",
+    "SeriesInstanceUID": "0020|000e",
+    "StudyInstanceUID": "0020|000d",
+    "PatientID": "0010|0020",
+    "Modality": "0008|0060",
+}
+"""Meta-data keys the reader sets on the image (SimpleITK's ``group|element`` convention, as its GDCM reader)."""
+
+_COSINE_TOLERANCE = 1e-4
+_SPACING_TOLERANCE_MM = 1e-3
+
+
+class CTSeriesError(ValueError):
+    """A CT series cannot be read as one regular volume; the message names the files and what was expected."""
+
+
+@dataclass
+class CTVolume:
+    """A CT series read into a volume.
+
+    Args:
+        image: the volume in HU (``int16``, or ``float32`` where the rescale gives non-integer or large values),
+            LPS geometry, meta-data keys :data:`METADATA_KEYS` set.
+        datasets: the slices' headers in slice order ``k = 0 .. K-1`` (pixel data removed to save memory).
+        files: the slice files in the same order.
+        notes: things the caller may want to log (e.g. rescale differing between slices).
+    """
+
+    image: sitk.Image
+    datasets: list[Dataset]
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        """Frame of Reference UID of the series."""
+        return str(self.datasets[0].FrameOfReferenceUID)
+
+    @property
+    def series_instance_uid(self) -> str:
+        """Series Instance UID of the series."""
+        return str(self.datasets[0].SeriesInstanceUID)
+
+    @property
+    def patient_id(self) -> str:
+        """Patient ID of the series (empty when the files have none)."""
+        return str(self.datasets[0].get("PatientID", ""))
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        """SOP Instance UIDs in slice order."""
+        return [str(ds.SOPInstanceUID) for ds in self.datasets]
+
+
+def slice_normal(image_orientation: Sequence[float]) -> np.ndarray:
+    """Unit slice normal (row cosine x column cosine) of an Image Orientation (Patient) value.
+
+    Args:
+        image_orientation: the six direction cosines (row direction, then column direction).
+
+    Returns:
+        The normal, shape ``(3,)``.
+
+    Raises:
+        ValueError: if the value does not hold two orthogonal unit vectors.
+    """
+    iop = np.asarray([float(v) for v in image_orientation], dtype=np.float64)
+    if iop.shape != (6,):
+        raise ValueError(f"Image Orientation (Patient) needs 6 values, got {len(iop)}")
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise ValueError(f"Image Orientation (Patient) {list(iop)} is not two orthogonal unit vectors")
+    normal = np.cross(row, col)
+    return normal / np.linalg.norm(normal)
+
+
+def tag_name(keyword: str) -> str:
+    """``"(gggg,eeee)"`` for a DICOM keyword, for error messages."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    return "" if tag is None else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _read_file(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError) as err:
+        raise CTSeriesError(f"{path}: cannot read as DICOM ({err})") from err
+
+
+def _require(ds: Dataset, path: Path, keyword: str) -> object:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise CTSeriesError(f"{path}: missing {keyword} {tag_name(keyword)}; a CT slice needs it")
+    return value
+
+
+def _pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values of one slice, decoded by pydicom, or by SimpleITK (GDCM) when pydicom has no decoder."""
+    try:
+        return ds.pixel_array
+    except Exception as pydicom_err:  # pydicom raises several types for missing decoders
+        try:
+            # GDCM decodes JPEG, JPEG-LS, JPEG 2000 and RLE without extra Python packages; it applies the rescale,
+            # so undo it to keep one code path for the rescale below.
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0].astype(np.float64)
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            return np.rint((array - intercept) / slope)
+        except RuntimeError:
+            syntax = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+            raise CTSeriesError(
+                f"{path}: cannot decode the pixel data (transfer syntax {syntax}): {pydicom_err}"
+            ) from pydicom_err
+
+
+def read_ct_series(
+    files: Sequence[str | os.PathLike[str]],
+    *,
+    spacing_tolerance: float = 0.01,
+    expected_modality: str | None = "CT",
+) -> CTVolume:
+    """Read the slices of one CT series into a volume.
+
+    Args:
+        files: the series' files, in any order (e.g. ``SeriesInfo.files`` from discovery).
+        spacing_tolerance: largest allowed relative deviation of a slice gap from the median gap; larger
+            deviations are reported as missing or extra slices.
+        expected_modality: Modality every file must have; ``None`` accepts any single-frame image series.
+
+    Returns:
+        The volume, the headers and the files in slice order.
+
+    Raises:
+        CTSeriesError: if the files are not one consistent series on a regular grid; the message names the files
+            and the attribute that differs.
+    """
+    if not files:
+        raise CTSeriesError("no files given for the CT series")
+    paths = [Path(f) for f in files]
+    datasets = [_read_file(p) for p in paths]
+
+    first, first_path = datasets[0], paths[0]
+    for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient", "PixelSpacing"):
+        _require(first, first_path, keyword)
+    for ds, path in zip(datasets, paths, strict=True):
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise CTSeriesError(f"{path}: multi-frame image (NumberOfFrames {ds.NumberOfFrames}); expected one slice")
+        if expected_modality is not None and ds.get("Modality") != expected_modality:
+            raise CTSeriesError(f"{path}: Modality is {ds.get('Modality')!r}; expected {expected_modality!r}")
+        for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
+            if ds.get(keyword) != first.get(keyword):
+                raise CTSeriesError(
+                    f"{path}: {keyword} {ds.get(keyword)!r} differs from {first.get(keyword)!r} in {first_path}; "
+                    "all slices of a series must share it"
+                )
+        _require(ds, path, "ImagePositionPatient")
+        _require(ds, path, "SOPInstanceUID")
+        iop = np.asarray([float(v) for v in _require(ds, path, "ImageOrientationPatient")])
+        if np.abs(iop - np.asarray([float(v) for v in first.ImageOrientationPatient])).max() > _COSINE_TOLERANCE:
+            raise CTSeriesError(
+                f"{path}: ImageOrientationPatient {list(iop)} differs from {list(first.ImageOrientationPatient)} "
+                f"in {first_path}; all slices must share one orientation"
+            )
+        pixel_spacing = np.asarray([float(v) for v in _require(ds, path, "PixelSpacing")])
+        if np.abs(pixel_spacing - np.asarray([float(v) for v in first.PixelSpacing])).max() > _SPACING_TOLERANCE_MM:
+            raise CTSeriesError(
+                f"{path}: PixelSpacing {list(pixel_spacing)} differs from {list(first.PixelSpacing)} in {first_path}"
+            )
+
+    try:
+        normal = slice_normal(first.ImageOrientationPatient)
+    except ValueError as err:
+        raise CTSeriesError(f"{first_path}: {err}") from err
+    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+    row_cos, col_cos = iop[:3], iop[3:]
+    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    datasets = [datasets[i] for i in order]
+    paths = [paths[i] for i in order]
+    positions, along = positions[order], along[order]
+
+    # In-plane offsets must not change from slice to slice: otherwise the stack is sheared (gantry tilt)
+    in_plane = positions @ np.stack([row_cos, col_cos], axis=1)
+    shift = np.abs(in_plane - in_plane[0]).max(axis=1)
+    pixel_spacing = np.asarray([float(v) for v in first.PixelSpacing])
+    if shift.max() > 0.01 * pixel_spacing.min() + _SPACING_TOLERANCE_MM:
+        bad = int(np.argmax(shift))
+        raise CTSeriesError(
+            f"{paths[bad]}: slice is shifted in-plane by {shift[bad]:.3f} mm relative to {paths[0]} "
+            "(gantry tilt or a sheared stack); expected slices stacked along the normal of ImageOrientationPatient"
+        )
+
+    notes: list[str] = []
+    if len(datasets) > 1:
+        gaps = np.diff(along)
+        duplicate = np.flatnonzero(gaps < _SPACING_TOLERANCE_MM)
+        if duplicate.size:
+            i = int(duplicate[0])
+            raise CTSeriesError(
+                f"{paths[i]} and {paths[i + 1]}: two slices at the same position {along[i]:.3f} mm along the slice "
+                "normal; expected one slice per position (are two acquisitions mixed in one series?)"
+            )
+        step = float(np.median(gaps))
+        irregular = np.flatnonzero(np.abs(gaps - step) > spacing_tolerance * step)
+        if irregular.size:
+            i = int(irregular[0])
+            raise CTSeriesError(
+                f"{paths[i]} and {paths[i + 1]}: slice gap {gaps[i]:.3f} mm, expected {step:.3f} mm like the rest of "
+                f"the series ({len(irregular)} irregular gap(s)); slices missing or spacing not uniform"
+            )
+        step = float((along[-1] - along[0]) / (len(along) - 1))
+    else:
+        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        notes.append(f"{paths[0]}: single-slice series; slice spacing {step} mm taken from the header")
+
+    slices = []
+    slopes, intercepts = [], []
+    for ds, path in zip(datasets, paths, strict=True):
+        stored = _pixels(ds, path)
+        if stored.shape != (int(first.Rows), int(first.Columns)):
+            raise CTSeriesError(
+                f"{path}: pixel array of shape {stored.shape}; expected ({first.Rows}, {first.Columns})"
+            )
+        slopes.append(float(ds.get("RescaleSlope", 1) or 1))
+        intercepts.append(float(ds.get("RescaleIntercept", 0) or 0))
+        slices.append(stored)
+        del ds.PixelData  # headers are kept for referencing; the pixels live in the image
+    stack = np.stack(slices)  # (K, rows, columns) = SimpleITK's (z, y, x) order
+    slope_arr, intercept_arr = np.asarray(slopes), np.asarray(intercepts)
+    if len(set(slopes)) > 1 or len(set(intercepts)) > 1:
+        notes.append("rescale slope/intercept differ between slices; applied per slice")
+    integer_rescale = np.all(slope_arr == np.round(slope_arr)) and np.all(intercept_arr == np.round(intercept_arr))
+    hu = stack.astype(np.float64) * slope_arr[:, None, None] + intercept_arr[:, None, None]
+    if integer_rescale and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max:
+        volume = hu.astype(np.int16)
+    else:
+        volume = hu.astype(np.float32)
+
+    image = sitk.GetImageFromArray(volume)
+    # PixelSpacing is (between rows, between columns) = (spacing along J, spacing along I)
+    image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))
+    image.SetOrigin(tuple(float(v) for v in positions[0]))
+    image.SetDirection(tuple(np.stack([row_cos, col_cos, normal], axis=1).ravel().tolist()))
+    for keyword, key in METADATA_KEYS.items():
+        image.SetMetaData(key, str(first.get(keyword, "")))
+    return CTVolume(image=image, datasets=datasets, files=paths, notes=notes)

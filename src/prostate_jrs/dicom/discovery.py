@@ -1,0 +1,711 @@
+"""Find the planning CT, its RTSTRUCT and the daily CT of one adaptive session in a folder of DICOM files.
+
+:func:`scan_folder` walks a folder (recursively) and reads headers only; :func:`select_session` picks:
+
+* the planning RTSTRUCT: the only one, the latest (Structure Set Date/Time), or the one given by SOP Instance UID;
+* the planning CT: the series the RTSTRUCT references (Referenced Frame of Reference Sequence -> RT Referenced
+  Study -> RT Referenced Series), or, when that reference is missing, the only CT series in the referenced frame
+  of reference; every image the RTSTRUCT's Contour Image Sequence names must be in it;
+* the daily CT: another CT series of the same patient in another frame of reference (a series in the planning
+  CT's frame of reference is another reconstruction of the planning scan), the latest by acquisition, series or
+  study date and time; or the one given by Series Instance UID.
+
+Safety rules that no option switches off: series of different patients are never combined (Patient ID, and
+Patient's Name, Birth Date and Issuer of Patient ID where both sides have them), and the RTSTRUCT's frame of
+reference must be the planning CT's. Series of other patients in the folder are left out and reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import MediaStorageDirectoryStorage
+
+__all__ = [
+    "AdaptiveSession",
+    "DicomInventory",
+    "DicomSelectionError",
+    "SeriesInfo",
+    "StructureSetInfo",
+    "scan_folder",
+    "select_session",
+]
+
+_IMAGE_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "IssuerOfPatientID",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDate",
+    "SeriesTime",
+    "SeriesDescription",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "AcquisitionDateTime",
+    "FrameOfReferenceUID",
+    "ImageType",
+    "NumberOfFrames",
+    "StructureSetLabel",
+    "StructureSetDate",
+    "StructureSetTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ReferencedFrameOfReferenceSequence",
+    "StructureSetROISequence",
+]
+"""Tags read by the scan: everything else (pixels, contour data) is skipped while parsing."""
+
+
+class DicomSelectionError(ValueError):
+    """The input folder does not hold what an adaptive session needs; the message names what is wrong."""
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _datetime(date: str, time: str) -> dt.datetime | None:
+    """Parse DICOM DA + TM (time optional, fractions and missing parts allowed); ``None`` when no valid date."""
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    time = re.split(r"[.+-]", time.strip())[0].replace(":", "")  # drop fractions and a UTC offset
+    time = (time + "000000")[:6] if time.isdigit() else "000000"
+    try:
+        return dt.datetime.strptime(date + time, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+@dataclass
+class SeriesInfo:
+    """Key attributes of one image series found by :func:`scan_folder`.
+
+    Args:
+        series_instance_uid: Series Instance UID.
+        modality: Modality (``"CT"``, ``"MR"``, ...).
+        patient_id: Patient ID.
+        patient_name: Patient's Name.
+        patient_birth_date: Patient's Birth Date (DA string, may be empty).
+        issuer_of_patient_id: Issuer of Patient ID (may be empty).
+        study_instance_uid: Study Instance UID.
+        study_date: Study Date. study_time: Study Time.
+        series_date: Series Date. series_time: Series Time.
+        acquisition: earliest acquisition date and time of the instances, if any has one.
+        series_number: Series Number, if present.
+        description: Series Description.
+        frame_of_reference_uid: Frame of Reference UID.
+        files: instance files, sorted by path.
+        sop_instance_uids: SOP Instance UIDs, in the order of ``files``.
+        image_types: distinct Image Type values seen.
+        multiframe: whether any instance has more than one frame.
+    """
+
+    series_instance_uid: str
+    modality: str
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    issuer_of_patient_id: str
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    series_date: str
+    series_time: str
+    acquisition: dt.datetime | None
+    series_number: int | None
+    description: str
+    frame_of_reference_uid: str
+    files: list[Path] = field(default_factory=list)
+    sop_instance_uids: list[str] = field(default_factory=list)
+    image_types: set[str] = field(default_factory=set)
+    multiframe: bool = False
+
+    @property
+    def datetime(self) -> dt.datetime | None:
+        """When the series was acquired: acquisition, else series, else study date and time."""
+        return (
+            self.acquisition
+            or _datetime(self.series_date, self.series_time)
+            or _datetime(self.study_date, self.study_time)
+        )
+
+    @property
+    def is_localizer(self) -> bool:
+        """Whether the series is a scout/localizer (Image Type LOCALIZER), which is no volume."""
+        return any("LOCALIZER" in t for t in self.image_types)
+
+    def describe(self) -> str:
+        """One line for messages: UID, modality, description, date, number of instances."""
+        when = self.datetime.isoformat(sep=" ") if self.datetime else "no date"
+        return (
+            f"{self.modality} series {self.series_instance_uid} ({self.description or 'no description'}, {when}, "
+            f"{len(self.files)} file(s), patient {self.patient_id!r})"
+        )
+
+
+@dataclass
+class StructureSetInfo:
+    """Key attributes of one RTSTRUCT instance found by :func:`scan_folder`.
+
+    Args:
+        path: the file.
+        sop_instance_uid: SOP Instance UID.
+        series_instance_uid: Series Instance UID (of the RTSTRUCT series).
+        patient_id, patient_name, patient_birth_date, issuer_of_patient_id: Patient module.
+        study_instance_uid: Study Instance UID.
+        label: Structure Set Label.
+        datetime: Structure Set Date/Time, else Instance Creation, else Series, else Study Date/Time.
+        frame_of_reference_uids: Frame of Reference UIDs in the Referenced Frame of Reference Sequence and the
+            ROIs' Referenced Frame of Reference UIDs.
+        referenced_images: Series Instance UID of each RT Referenced Series -> SOP Instance UIDs of its Contour
+            Image Sequence (the images contoured on); empty when the RTSTRUCT references no series.
+        roi_names: ROI Names of the Structure Set ROI Sequence.
+    """
+
+    path: Path
+    sop_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    issuer_of_patient_id: str
+    study_instance_uid: str
+    label: str
+    datetime: dt.datetime | None
+    frame_of_reference_uids: list[str]
+    referenced_images: dict[str, list[str]]
+    roi_names: list[str]
+
+    @property
+    def referenced_series_uids(self) -> list[str]:
+        """Series Instance UIDs of the RT Referenced Series Sequence (empty when missing)."""
+        return list(self.referenced_images)
+
+
+@dataclass
+class DicomInventory:
+    """What :func:`scan_folder` found.
+
+    Args:
+        folder: the folder scanned.
+        series: image series by Series Instance UID (RTSTRUCTs are not in it).
+        structure_sets: RTSTRUCT instances.
+        non_dicom_files: files that are not DICOM Part 10 files (skipped).
+        dicomdir_files: DICOMDIR files (skipped: the scan reads the files themselves).
+        unreadable_files: files with a DICOM preamble that could not be parsed, with the error.
+        hidden: hidden files and folders (names starting with ``.``), not scanned.
+        duplicate_files: further copies of an image instance already in its series (same SOP Instance UID), skipped.
+        other_instances: DICOM files without a Series or SOP Instance UID (skipped). Other modalities (RTPLAN,
+            RTDOSE, REG, MR, ...) are series like the CTs; the selection only takes CT series.
+    """
+
+    folder: Path
+    series: dict[str, SeriesInfo] = field(default_factory=dict)
+    structure_sets: list[StructureSetInfo] = field(default_factory=list)
+    non_dicom_files: list[Path] = field(default_factory=list)
+    dicomdir_files: list[Path] = field(default_factory=list)
+    other_instances: list[Path] = field(default_factory=list)
+    unreadable_files: list[tuple[Path, str]] = field(default_factory=list)
+    hidden: list[Path] = field(default_factory=list)
+    duplicate_files: list[Path] = field(default_factory=list)
+
+    def patients(self) -> set[str]:
+        """Patient IDs of every series and structure set."""
+        return {s.patient_id for s in self.series.values()} | {s.patient_id for s in self.structure_sets}
+
+    def summary(self) -> str:
+        """One line per series and structure set, for error messages."""
+        lines = [f"  {s.describe()}" for s in self.series.values()]
+        lines += [
+            f"  RTSTRUCT {s.sop_instance_uid} ({s.path.name}, label {s.label!r}, patient {s.patient_id!r})"
+            for s in self.structure_sets
+        ]
+        if not lines:
+            lines.append("  (no DICOM image series or RTSTRUCT)")
+        if self.non_dicom_files:
+            # files without the Part 10 header ('DICM') are not read; say so, they may be DICOM from an old system
+            lines.append(
+                f"  and {len(self.non_dicom_files)} file(s) skipped as not DICOM Part 10 (no 'DICM' file header), "
+                f"e.g. {self.non_dicom_files[0]}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class AdaptiveSession:
+    """The inputs of one adaptive fraction, selected from a folder.
+
+    Args:
+        patient_id: Patient ID shared by all three inputs.
+        planning_ct: the planning CT series.
+        planning_rtstruct: the planning RTSTRUCT.
+        daily_ct: the daily CT series.
+        notes: what the selection chose, assumed or left out, for the log and the QA report.
+        inventory: everything the scan found.
+    """
+
+    patient_id: str
+    planning_ct: SeriesInfo
+    planning_rtstruct: StructureSetInfo
+    daily_ct: SeriesInfo
+    notes: list[str]
+    inventory: DicomInventory
+
+
+def _iter_files(folder: Path, hidden: list[Path]) -> Iterable[Path]:
+    """Files under ``folder`` in a stable order; hidden files and folders go to ``hidden`` instead.
+
+    Hidden names are skipped because writers (this project's included) stage incomplete files under them.
+    """
+    for root, dirs, files in os.walk(folder):
+        hidden += [Path(root) / d for d in dirs if d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                hidden.append(Path(root) / name)
+            else:
+                yield Path(root) / name
+
+
+def _structure_set_info(ds: Dataset, path: Path) -> StructureSetInfo:
+    frames: list[str] = []
+    images: dict[str, list[str]] = {}
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        if _text(frame, "FrameOfReferenceUID"):
+            frames.append(_text(frame, "FrameOfReferenceUID"))
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                sop_uids = images.setdefault(_text(series, "SeriesInstanceUID"), [])
+                sop_uids += [
+                    _text(image, "ReferencedSOPInstanceUID") for image in series.get("ContourImageSequence", [])
+                ]
+    roi_names = []
+    for roi in ds.get("StructureSetROISequence", []):
+        roi_names.append(_text(roi, "ROIName"))
+        if _text(roi, "ReferencedFrameOfReferenceUID"):
+            frames.append(_text(roi, "ReferencedFrameOfReferenceUID"))
+    when = (
+        _datetime(_text(ds, "StructureSetDate"), _text(ds, "StructureSetTime"))
+        or _datetime(_text(ds, "InstanceCreationDate"), _text(ds, "InstanceCreationTime"))
+        or _datetime(_text(ds, "SeriesDate"), _text(ds, "SeriesTime"))
+        or _datetime(_text(ds, "StudyDate"), _text(ds, "StudyTime"))
+    )
+    return StructureSetInfo(
+        path=path,
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        label=_text(ds, "StructureSetLabel"),
+        datetime=when,
+        frame_of_reference_uids=list(dict.fromkeys(frames)),
+        referenced_images={uid: list(dict.fromkeys(sops)) for uid, sops in images.items() if uid},
+        roi_names=roi_names,
+    )
+
+
+def _add_image(inventory: DicomInventory, ds: Dataset, path: Path) -> None:
+    uid = _text(ds, "SeriesInstanceUID")
+    series = inventory.series.get(uid)
+    if series is None:
+        number = ds.get("SeriesNumber")
+        series = SeriesInfo(
+            series_instance_uid=uid,
+            modality=_text(ds, "Modality"),
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            series_date=_text(ds, "SeriesDate"),
+            series_time=_text(ds, "SeriesTime"),
+            acquisition=None,
+            series_number=None if number in (None, "") else int(number),
+            description=_text(ds, "SeriesDescription"),
+            frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        )
+        inventory.series[uid] = series
+    elif _text(ds, "PatientID") != series.patient_id:
+        # one Series Instance UID with two patients is corrupt input; never guess which files belong together
+        raise DicomSelectionError(
+            f"{path}: PatientID {_text(ds, 'PatientID')!r} differs from {series.patient_id!r} in {series.files[0]}, "
+            f"although both belong to series {uid}; a series must hold one patient"
+        )
+    if _text(ds, "SOPInstanceUID") in series.sop_instance_uids:
+        inventory.duplicate_files.append(path)  # the same instance twice (e.g. two exports): read it once
+        return
+    series.files.append(path)
+    series.sop_instance_uids.append(_text(ds, "SOPInstanceUID"))
+    if ds.get("ImageType"):
+        series.image_types.add("\\".join(str(v) for v in ds.ImageType))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        series.multiframe = True
+    acquisition_datetime = _text(ds, "AcquisitionDateTime")
+    acquired = _datetime(acquisition_datetime[:8], acquisition_datetime[8:]) or _datetime(
+        _text(ds, "AcquisitionDate"), _text(ds, "AcquisitionTime")
+    )
+    if acquired is not None and (series.acquisition is None or acquired < series.acquisition):
+        series.acquisition = acquired
+
+
+def scan_folder(folder: str | os.PathLike[str]) -> DicomInventory:
+    """Read the headers of every file under ``folder`` and group them into series and structure sets.
+
+    Non-DICOM files (no Part 10 preamble) and DICOMDIR files are skipped and counted, not read.
+
+    Args:
+        folder: the input folder.
+
+    Returns:
+        The inventory.
+
+    Raises:
+        DicomSelectionError: if ``folder`` is not a folder, or one series holds two patients.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomSelectionError(f"{folder}: not a folder; expected a folder of DICOM files")
+    inventory = DicomInventory(folder=folder)
+    for path in _iter_files(folder, inventory.hidden):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_IMAGE_TAGS)
+        except pydicom.errors.InvalidDicomError:
+            inventory.non_dicom_files.append(path)
+            continue
+        except Exception as err:  # a DICOM preamble but a corrupt or unreadable file: reported, not fatal here
+            inventory.unreadable_files.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        storage_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+        if path.name.upper() == "DICOMDIR" or storage_class == MediaStorageDirectoryStorage:
+            inventory.dicomdir_files.append(path)
+        elif _text(ds, "Modality") == "RTSTRUCT":
+            inventory.structure_sets.append(_structure_set_info(ds, path))
+        elif not _text(ds, "SeriesInstanceUID") or not _text(ds, "SOPInstanceUID"):
+            inventory.other_instances.append(path)
+        else:
+            _add_image(inventory, ds, path)
+    for series in inventory.series.values():
+        order = sorted(range(len(series.files)), key=lambda i: series.files[i])
+        series.files = [series.files[i] for i in order]
+        series.sop_instance_uids = [series.sop_instance_uids[i] for i in order]
+    return inventory
+
+
+def _normalised_name(name: str) -> str:
+    # trailing empty PN components and case differ between systems writing the same patient
+    return "^".join(part.strip() for part in name.upper().split("=")[0].split("^")).rstrip("^")
+
+
+def _check_same_patient(
+    reference: SeriesInfo | StructureSetInfo, other: SeriesInfo | StructureSetInfo, what: str, other_what: str
+) -> None:
+    """Refuse two inputs of different patients (safety rule: no option switches this off)."""
+
+    def where(item: SeriesInfo | StructureSetInfo) -> str:
+        return str(item.path) if isinstance(item, StructureSetInfo) else f"series {item.series_instance_uid}"
+
+    if not reference.patient_id or not other.patient_id:
+        missing = where(reference) if not reference.patient_id else where(other)
+        raise DicomSelectionError(
+            f"{missing}: no PatientID (0010,0020); cannot verify that the {what} and the {other_what} belong to "
+            "one patient"
+        )
+    checks = [
+        ("PatientID (0010,0020)", reference.patient_id, other.patient_id),
+        ("IssuerOfPatientID (0010,0021)", reference.issuer_of_patient_id, other.issuer_of_patient_id),
+        ("PatientBirthDate (0010,0030)", reference.patient_birth_date, other.patient_birth_date),
+        ("PatientName (0010,0010)", _normalised_name(reference.patient_name), _normalised_name(other.patient_name)),
+    ]
+    for attribute, mine, theirs in checks:
+        if mine and theirs and mine != theirs:
+            raise DicomSelectionError(
+                f"the {what} ({where(reference)}) and the {other_what} ({where(other)}) belong to different patients: "
+                f"{attribute} {mine!r} vs {theirs!r}; series of different patients are never combined"
+            )
+
+
+def _pick_rtstruct(
+    inventory: DicomInventory, rtstruct_sop_uid: str | None, patient_id: str | None, notes: list[str]
+) -> StructureSetInfo:
+    candidates = inventory.structure_sets
+    if not candidates:
+        raise DicomSelectionError(
+            f"{inventory.folder}: no RTSTRUCT found; expected the planning structure set (Modality RTSTRUCT) beside "
+            f"the planning CT. Found:\n{inventory.summary()}"
+        )
+    if rtstruct_sop_uid is not None:
+        chosen = [s for s in candidates if s.sop_instance_uid == rtstruct_sop_uid]
+        if not chosen:
+            raise DicomSelectionError(
+                f"{inventory.folder}: no RTSTRUCT with SOP Instance UID {rtstruct_sop_uid}; found "
+                + ", ".join(f"{s.sop_instance_uid} ({s.path.name})" for s in candidates)
+            )
+        return chosen[0]
+    if patient_id is not None:
+        candidates = [s for s in candidates if s.patient_id == patient_id]
+        if not candidates:
+            raise DicomSelectionError(f"{inventory.folder}: no RTSTRUCT of patient {patient_id!r}")
+    patients = sorted({s.patient_id for s in candidates})
+    if len(patients) > 1:
+        raise DicomSelectionError(
+            f"{inventory.folder}: RTSTRUCTs of {len(patients)} patients ({', '.join(map(repr, patients))}); "
+            "choose one with patient_id or rtstruct_sop_uid"
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    undated = [s for s in candidates if s.datetime is None]
+    if undated:
+        raise DicomSelectionError(
+            f"{undated[0].path}: RTSTRUCT has no StructureSetDate (3006,0008), so the latest of {len(candidates)} "
+            "RTSTRUCTs cannot be chosen; choose one with rtstruct_sop_uid"
+        )
+    ordered = sorted(candidates, key=lambda s: s.datetime)  # type: ignore[arg-type, return-value]
+    if ordered[-1].datetime == ordered[-2].datetime:
+        raise DicomSelectionError(
+            f"{ordered[-1].path} and {ordered[-2].path}: two RTSTRUCTs with the same date and time; choose one with "
+            "rtstruct_sop_uid"
+        )
+    chosen = ordered[-1]
+    notes.append(
+        f"chose the latest of {len(candidates)} RTSTRUCTs: {chosen.path.name} ({chosen.label!r}, {chosen.datetime}); "
+        f"left out {', '.join(s.path.name for s in ordered[:-1])}"
+    )
+    return chosen
+
+
+def _planning_ct(
+    inventory: DicomInventory, rtstruct: StructureSetInfo, planning_series_uid: str | None, notes: list[str]
+) -> SeriesInfo:
+    referenced = rtstruct.referenced_series_uids
+    if planning_series_uid is not None:
+        if referenced and planning_series_uid not in referenced:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)}, not the requested planning "
+                f"series {planning_series_uid}"
+            )
+        referenced = [planning_series_uid]
+    if referenced:
+        present = [inventory.series[uid] for uid in referenced if uid in inventory.series]
+        if not present:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)} (frame of reference "
+                f"{', '.join(rtstruct.frame_of_reference_uids) or 'not given'}), which is not in {inventory.folder}; "
+                f"expected the planning CT series there. Found:\n{inventory.summary()}"
+            )
+        if len(present) > 1 and sum(s.modality == "CT" for s in present) == 1:
+            present = [s for s in present if s.modality == "CT"]  # e.g. contours referencing a CT and a fused MR
+        if len(present) > 1:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT references {len(present)} series present in {inventory.folder} "
+                f"({', '.join(s.series_instance_uid for s in present)}); choose one with planning_series_uid"
+            )
+        planning = present[0]
+    else:
+        frames = rtstruct.frame_of_reference_uids
+        if not frames:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT references neither a series (RTReferencedSeriesSequence (3006,0014)) "
+                "nor a frame of reference (ReferencedFrameOfReferenceSequence (3006,0010)); cannot find its CT"
+            )
+        matches = [s for s in inventory.series.values() if s.modality == "CT" and s.frame_of_reference_uid in frames]
+        if not matches:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and no CT series in "
+                f"{inventory.folder} has its frame of reference {', '.join(frames)}; expected the planning CT there. "
+                f"Found:\n{inventory.summary()}"
+            )
+        if len(matches) > 1:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and {len(matches)} CT "
+                f"series share its frame of reference ({', '.join(s.series_instance_uid for s in matches)}); choose "
+                "one with planning_series_uid"
+            )
+        planning = matches[0]
+        notes.append(
+            f"{rtstruct.path.name} does not reference a series; took the only CT series in its frame of reference, "
+            f"{planning.series_instance_uid}"
+        )
+    if planning.modality != "CT":
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the referenced series {planning.series_instance_uid} has Modality "
+            f"{planning.modality!r}; expected a planning CT"
+        )
+    if rtstruct.frame_of_reference_uids and planning.frame_of_reference_uid not in rtstruct.frame_of_reference_uids:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT's frame of reference {', '.join(rtstruct.frame_of_reference_uids)} is not "
+            f"the one of its CT series {planning.series_instance_uid} ({planning.frame_of_reference_uid}); the "
+            "contours do not fit that CT"
+        )
+    contoured = rtstruct.referenced_images.get(planning.series_instance_uid, [])
+    have = set(planning.sop_instance_uids)
+    missing = [uid for uid in contoured if uid not in have]
+    if missing:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the planning CT series {planning.series_instance_uid} is incomplete: "
+            f"{len(missing)} of the {len(contoured)} images the RTSTRUCT's "
+            f"ContourImageSequence (3006,0016) references are not in {inventory.folder} (e.g. {missing[0]}); "
+            f"found {len(planning.files)} file(s) of that series"
+        )
+    return planning
+
+
+def _daily_ct(
+    inventory: DicomInventory,
+    planning: SeriesInfo,
+    rtstruct: StructureSetInfo,
+    daily_series_uid: str | None,
+    notes: list[str],
+) -> SeriesInfo:
+    if daily_series_uid is not None:
+        daily = inventory.series.get(daily_series_uid)
+        if daily is None:
+            raise DicomSelectionError(
+                f"{inventory.folder}: no series with SeriesInstanceUID {daily_series_uid} (the requested daily CT). "
+                f"Found:\n{inventory.summary()}"
+            )
+        if daily.modality != "CT":
+            raise DicomSelectionError(
+                f"requested daily series {daily_series_uid} has Modality {daily.modality!r}; expected CT"
+            )
+        if daily.series_instance_uid == planning.series_instance_uid:
+            raise DicomSelectionError(
+                f"requested daily series {daily_series_uid} is the planning CT the RTSTRUCT {rtstruct.path.name} "
+                "references; expected another CT series"
+            )
+        _check_same_patient(planning, daily, "planning CT", "requested daily CT")
+        if daily.frame_of_reference_uid == planning.frame_of_reference_uid:
+            notes.append("the requested daily CT shares the planning CT's frame of reference")
+        return daily
+
+    candidates = []
+    for series in inventory.series.values():
+        if series.series_instance_uid == planning.series_instance_uid or series.modality != "CT":
+            continue
+        if series.patient_id != planning.patient_id:
+            continue  # reported as left out by select_session
+        if series.frame_of_reference_uid and series.frame_of_reference_uid == planning.frame_of_reference_uid:
+            # same frame of reference = same scan session: another reconstruction of the planning scan, not a daily
+            notes.append(
+                f"left out {series.describe()}: it shares the planning CT's frame of reference (another "
+                "reconstruction of the planning scan?); choose it with daily_series_uid if it is the daily CT"
+            )
+            continue
+        if series.is_localizer or series.multiframe or len(series.files) < 2:
+            notes.append(f"left out {series.describe()}: a localizer, multi-frame or single-slice series is no volume")
+            continue
+        candidates.append(series)
+    if not candidates:
+        raise DicomSelectionError(
+            f"{inventory.folder}: no daily CT: expected a CT series of patient {planning.patient_id!r} other than the "
+            f"planning CT {planning.series_instance_uid}. Found:\n{inventory.summary()}"
+        )
+    if len(candidates) == 1:
+        daily = candidates[0]
+    else:
+        undated = [s for s in candidates if s.datetime is None]
+        if undated:
+            raise DicomSelectionError(
+                f"{len(candidates)} candidate daily CT series and {undated[0].describe()} has no acquisition, series "
+                "or study date; choose the daily CT with daily_series_uid"
+            )
+        ordered = sorted(candidates, key=lambda s: s.datetime)  # type: ignore[arg-type, return-value]
+        if ordered[-1].datetime == ordered[-2].datetime:
+            raise DicomSelectionError(
+                f"two candidate daily CT series were acquired at the same time ({ordered[-1].series_instance_uid}, "
+                f"{ordered[-2].series_instance_uid}); choose one with daily_series_uid"
+            )
+        daily = ordered[-1]
+        notes.append(
+            f"chose the latest of {len(candidates)} daily CT candidates: {daily.describe()}; left out "
+            + ", ".join(s.series_instance_uid for s in ordered[:-1])
+        )
+    _check_same_patient(planning, daily, "planning CT", "daily CT")
+    return daily
+
+
+def select_session(
+    source: str | os.PathLike[str] | DicomInventory,
+    *,
+    daily_series_uid: str | None = None,
+    rtstruct_sop_uid: str | None = None,
+    planning_series_uid: str | None = None,
+    patient_id: str | None = None,
+) -> AdaptiveSession:
+    """Select planning CT, planning RTSTRUCT and daily CT from a folder (or a scanned inventory).
+
+    Args:
+        source: the input folder, or the result of :func:`scan_folder`.
+        daily_series_uid: Series Instance UID of the daily CT; ``None`` for the latest other CT of the patient.
+        rtstruct_sop_uid: SOP Instance UID of the planning RTSTRUCT; ``None`` for the only or latest one.
+        planning_series_uid: Series Instance UID of the planning CT, needed only when the RTSTRUCT's references
+            leave a choice.
+        patient_id: restrict the selection to this patient when the folder holds several.
+
+    Returns:
+        The selected session, with notes on what was chosen and left out.
+
+    Raises:
+        DicomSelectionError: if something is missing, ambiguous, inconsistent or of different patients; the
+            message names the files or UIDs and what was expected.
+    """
+    inventory = source if isinstance(source, DicomInventory) else scan_folder(source)
+    notes: list[str] = []
+    rtstruct = _pick_rtstruct(inventory, rtstruct_sop_uid, patient_id, notes)
+    planning = _planning_ct(inventory, rtstruct, planning_series_uid, notes)
+    _check_same_patient(planning, rtstruct, "planning CT", "planning RTSTRUCT")
+    if patient_id is not None and planning.patient_id != patient_id:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: belongs to patient {planning.patient_id!r}, not the requested {patient_id!r}"
+        )
+    daily = _daily_ct(inventory, planning, rtstruct, daily_series_uid, notes)
+    others = sorted({s.patient_id for s in inventory.series.values()} - {planning.patient_id})
+    if others:
+        notes.append(
+            f"left out series of other patients ({', '.join(map(repr, others))}): series of different patients are "
+            "never combined"
+        )
+    if inventory.non_dicom_files or inventory.dicomdir_files or inventory.hidden or inventory.other_instances:
+        notes.append(
+            f"skipped {len(inventory.non_dicom_files)} non-DICOM file(s), {len(inventory.dicomdir_files)} DICOMDIR, "
+            f"{len(inventory.hidden)} hidden file(s) or folder(s) and {len(inventory.other_instances)} DICOM file(s) "
+            "without Series or SOP Instance UID"
+        )
+    if inventory.duplicate_files:
+        notes.append(
+            f"skipped {len(inventory.duplicate_files)} duplicate image file(s) (same SOP Instance UID), e.g. "
+            f"{inventory.duplicate_files[0]}"
+        )
+    for path, error in inventory.unreadable_files:
+        notes.append(f"{path}: could not be read ({error}); left out")
+    if planning.datetime and daily.datetime and daily.datetime < planning.datetime:
+        notes.append(f"the daily CT ({daily.datetime}) is older than the planning CT ({planning.datetime})")
+    return AdaptiveSession(
+        patient_id=planning.patient_id,
+        planning_ct=planning,
+        planning_rtstruct=rtstruct,
+        daily_ct=daily,
+        notes=notes,
+        inventory=inventory,
+    )

@@ -1,0 +1,369 @@
+"""Write an RT Structure Set on a CT series from a label map or per-structure masks.
+
+Hand-written with pydicom because no maintained library writes a conformant RTSTRUCT: highdicom has no
+RTSTRUCT writer and rt-utils' output fails ``dciodvfy`` (see shared/docs/STACK.md section 5).
+
+Contours are sub-voxel closed planar polygons, one set per image slice: the 0.5 iso-line of the binary mask
+(marching squares, :func:`skimage.measure.find_contours`) in patient coordinates, each referencing its CT slice.
+A pixel lies inside the structure exactly when its centre lies inside an odd number of the slice's contours:
+by default holes are separate contours (even-odd rule, as Eclipse, 3D Slicer, rt-utils' ``cv2.fillPoly`` and
+:mod:`prostate_jrs.dicom.rtstruct_reader` read them). Readers that take the union of a slice's contours
+(plastimatch 1.9) fill such holes; for them ``RTStructOptions(holes="keyhole")`` joins every hole to its outer
+border through a zero-width channel, which even-odd readers read the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.uid import RTStructureSetStorage
+from skimage import measure
+
+from prostate_jrs.dicom.common import (
+    EquipmentInfo,
+    add_equipment,
+    atomic_write,
+    code_item,
+    copy_patient_and_study,
+    dicom_date,
+    dicom_time,
+    ds_list,
+    make_uid,
+    match_slices,
+    package_version,
+)
+from prostate_jrs.geometry import array_from_image, index_to_world
+from prostate_jrs.labels import STRUCTURES, Structure, structure_by_name
+
+__all__ = [
+    "RTStructOptions",
+    "contours_for_slice",
+    "write_rtstruct",
+]
+
+GenerationAlgorithm = Literal["AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"]
+
+# Detached Study Management SOP Class (retired), the value TPSs write as RT Referenced Study's Referenced SOP Class
+_STUDY_REFERENCE_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+_POSITION_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class RTStructOptions:
+    """Descriptive attributes of a written RT Structure Set.
+
+    Args:
+        generation: ROI Generation Algorithm of every ROI: ``AUTOMATIC`` (model output), ``SEMIAUTOMATIC`` or
+            ``MANUAL`` (a clinician's planning contours, e.g. for synthetic planning data).
+        algorithm_name: model name, written into ROI Generation Description and (for AUTOMATIC and SEMIAUTOMATIC)
+            the ROI Derivation Algorithm Identification.
+        algorithm_version: model version.
+        structure_set_label: Structure Set Label (at most 16 characters).
+        structure_set_name: Structure Set Name.
+        series_description: Series Description of the new RTSTRUCT series.
+        series_number: Series Number.
+        series_instance_uid: Series Instance UID; ``None`` for a new one.
+        sop_instance_uid: SOP Instance UID; ``None`` for a new one.
+        content_datetime: Structure Set Date/Time and Series Date/Time; ``None`` for now.
+        operators_name: Operators' Name (Type 2; may be empty).
+        roi_interpreter: ROI Interpreter of every ROI (Type 2; may be empty).
+        approval_status: ``UNAPPROVED`` (model output awaiting review), ``APPROVED`` or ``REJECTED``.
+        reviewer_name: Reviewer Name, required when ``approval_status`` is not ``UNAPPROVED``.
+        equipment: Manufacturer, model and software versions of the writer.
+        skip_empty: leave out structures without any voxel instead of writing them as ROIs without contours.
+        holes: how holes in a slice are written (see :func:`contours_for_slice`): ``"separate"`` contours (even-odd
+            rule; Eclipse, rt-utils, 3D Slicer) or ``"keyhole"`` (joined to the outer border; also read correctly
+            by readers that take the union of a slice's contours, such as plastimatch).
+    """
+
+    generation: GenerationAlgorithm = "AUTOMATIC"
+    algorithm_name: str = "prostate-jrs"
+    algorithm_version: str = field(default_factory=package_version)
+    structure_set_label: str = "JRS"
+    structure_set_name: str = "prostate-jrs contours"
+    series_description: str = "prostate-jrs contours"
+    series_number: int = 901
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    content_datetime: dt.datetime | None = None
+    operators_name: str = ""
+    roi_interpreter: str = ""
+    approval_status: Literal["UNAPPROVED", "APPROVED", "REJECTED"] = "UNAPPROVED"
+    reviewer_name: str = ""
+    equipment: EquipmentInfo = field(default_factory=EquipmentInfo)
+    skip_empty: bool = False
+    holes: Literal["separate", "keyhole"] = "separate"
+
+    def __post_init__(self) -> None:
+        if self.generation not in ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"):
+            raise ValueError(f"generation must be AUTOMATIC, SEMIAUTOMATIC or MANUAL, got {self.generation!r}")
+        if not 0 < len(self.structure_set_label) <= 16:
+            raise ValueError(f"structure_set_label must have 1 to 16 characters, got {self.structure_set_label!r}")
+        if self.approval_status not in ("UNAPPROVED", "APPROVED", "REJECTED"):
+            raise ValueError(f"approval_status must be UNAPPROVED, APPROVED or REJECTED, got {self.approval_status!r}")
+        if self.approval_status != "UNAPPROVED" and not self.reviewer_name:
+            raise ValueError(f"approval_status {self.approval_status} needs a reviewer_name")
+        if self.holes not in ("separate", "keyhole"):
+            raise ValueError(f"holes must be 'separate' or 'keyhole', got {self.holes!r}")
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """Remove vertices of a closed polygon that lie on the straight line through their neighbours (lossless)."""
+    if len(points) < 4:
+        return points
+    previous, following = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    a, b = points - previous, following - points
+    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    keep = np.abs(cross) > 1e-9
+    return points[keep] if keep.sum() >= 3 else points
+
+
+def _signed_area(points: np.ndarray) -> float:
+    """Shoelace area of a closed polygon; its sign gives the winding direction."""
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+# find_contours winds outer borders and hole borders in opposite directions; learn which sign is "outer" once
+_OUTER_SIGN = np.sign(_signed_area(measure.find_contours(np.pad(np.ones((2, 2)), 1), 0.5)[0][:-1]))
+
+
+def _keyhole(outer: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
+    """Merge ``holes`` into ``outer`` through zero-width channels, giving one simple-as-possible polygon.
+
+    Holes are merged greedily, nearest first, each at the closest vertex pair, so no channel crosses a border.
+    """
+    merged = outer
+    remaining = list(holes)
+    while remaining:
+        best: tuple[float, int, int, int] | None = None
+        for h, hole in enumerate(remaining):
+            distances = np.linalg.norm(merged[:, None, :] - hole[None, :, :], axis=-1)
+            a, b = np.unravel_index(np.argmin(distances), distances.shape)
+            if best is None or distances[a, b] < best[0]:
+                best = (float(distances[a, b]), h, int(a), int(b))
+        assert best is not None
+        _, h, a, b = best
+        hole = remaining.pop(h)
+        merged = np.concatenate([merged[: a + 1], hole[b:], hole[: b + 1], merged[a:]])
+    return merged
+
+
+def contours_for_slice(mask: np.ndarray, holes: Literal["separate", "keyhole"] = "separate") -> list[np.ndarray]:
+    """Closed sub-voxel contours of a 2D binary mask in ``(I, J)`` order.
+
+    Args:
+        mask: boolean array ``(I, J)``.
+        holes: ``"separate"``: outer and hole borders are separate polygons, and the mask is the pixel centres
+            inside an odd number of them (even-odd rule). ``"keyhole"``: each hole border is joined to its
+            enclosing outer border by a zero-width channel, so readers that take the union of polygons
+            (plastimatch) also get the holes; islands inside holes stay separate polygons.
+
+    Returns:
+        Polygons ``(n, 2)`` of continuous ``(i, j)`` indices, without the repeated closing vertex.
+    """
+    if not mask.any():
+        return []
+    padded = np.pad(mask.astype(np.float32), 1)  # zero border, so every iso-line closes
+    polygons = []
+    for contour in measure.find_contours(padded, 0.5):
+        points = _drop_collinear(contour[:-1] - 1.0)
+        if len(points) >= 3:
+            polygons.append(points)
+    if holes == "separate" or len(polygons) < 2:
+        return polygons
+    outers = [p for p in polygons if np.sign(_signed_area(p)) == _OUTER_SIGN]
+    inners = [p for p in polygons if np.sign(_signed_area(p)) != _OUTER_SIGN]
+    outer_areas = [abs(_signed_area(p)) for p in outers]
+    holes_of: list[list[np.ndarray]] = [[] for _ in outers]
+    for hole in inners:
+        # the enclosing outer border is the smallest one containing the hole
+        enclosing = [n for n, outer in enumerate(outers) if measure.points_in_poly(hole[:1], outer)[0]]
+        if not enclosing:
+            raise AssertionError("a hole border lies outside every outer border")  # cannot happen for a mask
+        holes_of[min(enclosing, key=lambda n: outer_areas[n])].append(hole)
+    return [
+        _keyhole(outer, hole_list) if hole_list else outer for outer, hole_list in zip(outers, holes_of, strict=True)
+    ]
+
+
+def _masks_from_input(
+    label_map: sitk.Image | Mapping[str, sitk.Image], structures: Sequence[Structure]
+) -> tuple[sitk.Image, list[tuple[Structure, np.ndarray]]]:
+    """The grid and one boolean ``(I, J, K)`` array per structure to write."""
+    if isinstance(label_map, sitk.Image):
+        if label_map.GetDimension() != 3 or label_map.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError("label_map must be a scalar 3D image of integer labels")
+        labels = array_from_image(label_map)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"label_map must have an integer pixel type, got {label_map.GetPixelIDTypeAsString()}")
+        known = {0} | {s.label for s in STRUCTURES} | {s.label for s in structures}
+        unknown = sorted(set(np.unique(labels).tolist()) - known)
+        if unknown:
+            raise ValueError(f"label_map has labels {unknown}; expected only {sorted(known)}")
+        return label_map, [(s, labels == s.label) for s in structures]
+    by_name = {s.name: s for s in structures}
+    grid: sitk.Image | None = None
+    masks = []
+    for name, image in label_map.items():
+        structure = by_name.get(name) or structure_by_name(name)
+        if grid is None:
+            grid = image
+        elif image.GetSize() != grid.GetSize() or not np.allclose(
+            index_to_world(image), index_to_world(grid), atol=_POSITION_TOLERANCE_MM
+        ):
+            raise ValueError(f"mask {name!r} is not on the same grid as the other masks")
+        masks.append((structure, array_from_image(image) != 0))
+    if grid is None:
+        raise ValueError("no masks given; expected a label map or a mapping of structure name to mask")
+    return grid, masks
+
+
+def _roi_items(
+    structure: Structure, number: int, frame_of_reference_uid: str, options: RTStructOptions
+) -> tuple[Dataset, Dataset]:
+    """Structure Set ROI item and RT ROI Observations item of one ROI."""
+    roi = Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = frame_of_reference_uid
+    roi.ROIName = structure.display_name
+    roi.ROIGenerationAlgorithm = options.generation
+    if options.generation == "MANUAL":
+        roi.ROIGenerationDescription = f"delineated with {options.algorithm_name} {options.algorithm_version}"[:64]
+    else:
+        roi.ROIGenerationDescription = f"{options.algorithm_name} {options.algorithm_version}"[:64]
+        algorithm = Dataset()
+        family = codes.cid7162.ArtificialIntelligence
+        algorithm.AlgorithmFamilyCodeSequence = [code_item(family.value, family.scheme_designator, family.meaning)]
+        algorithm.AlgorithmName = options.algorithm_name
+        algorithm.AlgorithmVersion = options.algorithm_version
+        roi.ROIDerivationAlgorithmIdentificationSequence = [algorithm]
+    observation = Dataset()
+    observation.ObservationNumber = number
+    observation.ReferencedROINumber = number
+    observation.ROIObservationLabel = structure.display_name
+    observation.RTROIInterpretedType = structure.interpreted_type
+    observation.ROIInterpreter = options.roi_interpreter
+    return roi, observation
+
+
+def write_rtstruct(
+    label_map: sitk.Image | Mapping[str, sitk.Image],
+    reference_series: Sequence[Dataset],
+    out_path: str | os.PathLike[str],
+    *,
+    structures: Sequence[Structure] = STRUCTURES,
+    options: RTStructOptions | None = None,
+) -> Path:
+    """Write an RT Structure Set of ``structures`` drawn on the CT series ``reference_series``.
+
+    Args:
+        label_map: integer label map (labels as in :mod:`prostate_jrs.labels`), or canonical structure name ->
+            binary mask (structures may then overlap). Either must lie exactly on the reference series' grid.
+        reference_series: the CT images the contours are drawn on, as read from disk (pixel data not needed).
+            Patient, study and frame of reference are copied from them.
+        out_path: the file to write (written completely or not at all).
+        structures: the structures to write, in ROI order; their ``display_name``, ``color`` and
+            ``interpreted_type`` become ROI Name, ROI Display Color and RT ROI Interpreted Type.
+        options: descriptive attributes (generation algorithm, model name and version, labels, approval).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: if the label map or masks are not on the reference series' grid, the series is not one
+            series of one patient, or the labels are unknown.
+    """
+    options = options or RTStructOptions()
+    grid, masks = _masks_from_input(label_map, structures)
+    slices = match_slices(reference_series, grid)
+    if options.skip_empty:
+        masks = [(s, m) for s, m in masks if m.any()]
+    first = slices[0]
+    frame_of_reference_uid = str(first.FrameOfReferenceUID)
+    when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
+    to_world = index_to_world(grid)
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = options.sop_instance_uid or make_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = dicom_date(when), dicom_time(when)
+    copy_patient_and_study(ds, first)
+    # RT Series
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = options.series_instance_uid or make_uid()
+    ds.SeriesNumber = options.series_number
+    ds.SeriesDate, ds.SeriesTime = dicom_date(when), dicom_time(when)
+    ds.SeriesDescription = options.series_description
+    ds.OperatorsName = options.operators_name
+    # Frame of Reference: the CT's
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    add_equipment(ds, options.equipment)
+    # Structure Set
+    ds.StructureSetLabel = options.structure_set_label
+    ds.StructureSetName = options.structure_set_name
+    ds.InstanceNumber = 1
+    ds.StructureSetDate, ds.StructureSetTime = dicom_date(when), dicom_time(when)
+
+    def image_ref(image: Dataset) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        return item
+
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = first.SeriesInstanceUID
+    referenced_series.ContourImageSequence = [image_ref(image) for image in slices]
+    referenced_study = Dataset()
+    referenced_study.ReferencedSOPClassUID = _STUDY_REFERENCE_SOP_CLASS
+    referenced_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    referenced_study.RTReferencedSeriesSequence = [referenced_series]
+    referenced_frame = Dataset()
+    referenced_frame.FrameOfReferenceUID = frame_of_reference_uid
+    referenced_frame.RTReferencedStudySequence = [referenced_study]
+    ds.ReferencedFrameOfReferenceSequence = [referenced_frame]
+
+    rois, observations, roi_contours = [], [], []
+    for number, (structure, mask) in enumerate(masks, start=1):
+        roi, observation = _roi_items(structure, number, frame_of_reference_uid, options)
+        rois.append(roi)
+        observations.append(observation)
+        roi_contour = Dataset()
+        roi_contour.ReferencedROINumber = number
+        roi_contour.ROIDisplayColor = list(structure.color)
+        contour_items = []
+        for k in np.flatnonzero(mask.any(axis=(0, 1))):
+            for polygon in contours_for_slice(mask[:, :, k], options.holes):
+                index = np.column_stack([polygon, np.full(len(polygon), float(k)), np.ones(len(polygon))])
+                world = (index @ to_world.T)[:, :3]
+                contour = Dataset()
+                contour.ContourNumber = len(contour_items) + 1
+                contour.ContourImageSequence = [image_ref(slices[k])]
+                contour.ContourGeometricType = "CLOSED_PLANAR"
+                contour.NumberOfContourPoints = len(world)
+                contour.ContourData = ds_list(world.ravel())
+                contour_items.append(contour)
+        if contour_items:
+            roi_contour.ContourSequence = DicomSequence(contour_items)
+        roi_contours.append(roi_contour)
+    ds.StructureSetROISequence = rois
+    ds.ROIContourSequence = roi_contours
+    ds.RTROIObservationsSequence = observations
+    # Approval
+    ds.ApprovalStatus = options.approval_status
+    if options.approval_status != "UNAPPROVED":
+        ds.ReviewDate, ds.ReviewTime = dicom_date(when), dicom_time(when)
+        ds.ReviewerName = options.reviewer_name
+    return atomic_write(ds, out_path)
