@@ -50,8 +50,14 @@ def test_zero_ddf_on_same_grid_is_identity_and_matches_monai_warp():
     assert np.allclose(resample_with_ddf(image, image, None), array, atol=1e-5)
     ddf = np.random.default_rng(1).uniform(-1.5, 1.5, size=(3, 12, 10, 8)).astype(np.float32)
     ours = resample_with_ddf(image, image, ddf, order=1)
-    theirs = Warp(mode="bilinear", padding_mode="zeros")(torch.from_numpy(array)[None, None], torch.from_numpy(ddf)[None])
-    inside = np.all((np.indices(array.shape) + ddf >= 0) & (np.indices(array.shape) + ddf <= np.array(array.shape)[:, None, None, None] - 1), axis=0)
+    theirs = Warp(mode="bilinear", padding_mode="zeros")(
+        torch.from_numpy(array)[None, None], torch.from_numpy(ddf)[None]
+    )
+    inside = np.all(
+        (np.indices(array.shape) + ddf >= 0)
+        & (np.indices(array.shape) + ddf <= np.array(array.shape)[:, None, None, None] - 1),
+        axis=0,
+    )
     assert np.allclose(ours[inside], theirs[0, 0].numpy()[inside], atol=1e-4)
 
 

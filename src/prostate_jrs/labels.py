@@ -156,7 +156,9 @@ class SynonymTable:
         known = {s.name for s in STRUCTURES}
         for structure_name, names in synonyms.items():
             if structure_name not in known:
-                raise ValueError(f"unknown structure {structure_name!r} in synonym table; expected one of {sorted(known)}")
+                raise ValueError(
+                    f"unknown structure {structure_name!r} in synonym table; expected one of {sorted(known)}"
+                )
             if isinstance(names, str):
                 names = [names]
             for name in [structure_name, *names]:

@@ -106,8 +106,12 @@ def structure_metrics(
         ref_count = int(ref_onehot[0, channel].sum())
         if pred_count and ref_count:
             pair = (pred_onehot[:, channel : channel + 1], ref_onehot[:, channel : channel + 1])
-            msd = float(compute_average_surface_distance(*pair, include_background=True, symmetric=True, spacing=spacing_list))
-            hd95 = float(compute_hausdorff_distance(*pair, include_background=True, percentile=95, spacing=spacing_list))
+            msd = float(
+                compute_average_surface_distance(*pair, include_background=True, symmetric=True, spacing=spacing_list)
+            )
+            hd95 = float(
+                compute_hausdorff_distance(*pair, include_background=True, percentile=95, spacing=spacing_list)
+            )
             dsc = float(dice[channel])
         else:
             msd = hd95 = math.nan
@@ -126,19 +130,23 @@ def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
         ddf: displacement ``(3, I, J, K)`` in voxel units, channel ``c`` along index axis ``c``.
 
     Returns:
-        det J, shape ``(I, J, K)``.
+        det J, float32, shape ``(I, J, K)``.
 
     Raises:
         ValueError: if ``ddf`` is not a 3-channel 3-D field.
     """
-    field = np.asarray(ddf, dtype=np.float64)
+    field = np.asarray(ddf)
     if field.ndim != 4 or field.shape[0] != 3:
         raise ValueError(f"expected a displacement field of shape (3, I, J, K), got {field.shape}")
-    jacobian = np.empty((3, 3, *field.shape[1:]))
-    for component in range(3):
-        for axis, derivative in enumerate(np.gradient(field[component], axis=(0, 1, 2))):
-            jacobian[component, axis] = derivative + (1.0 if component == axis else 0.0)
-    return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
+    # explicit cofactor expansion: a (3, 3, I, J, K) stack for np.linalg.det would need ~9x the field's memory
+    j = [list(np.gradient(field[c].astype(np.float32))) for c in range(3)]
+    for c in range(3):
+        j[c][c] += 1.0
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
 
 
 def deformation_quality(ddf: np.ndarray, mask: np.ndarray | None = None) -> DeformationQuality:

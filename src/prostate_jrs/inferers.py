@@ -1,0 +1,197 @@
+"""Whole-volume inference for valid-convolution networks, and label warping with the stitched DDF.
+
+A valid-convolution network maps a ``patch`` tile to its central ``output`` region (96^3 -> 56^3). The
+inferer pads the volume, tiles it with stride equal to the output size, and writes each tile's output into
+its own place: every output voxel comes from exactly one tile, so there is nothing to blend and no seam
+handling. MONAI's ``SlidingWindowInferer`` assumes same-size outputs and blends overlaps, so this tiler is
+hand-written. Padding: each channel is padded with its own minimum per sample, i.e. air for the CT channels
+(as the authors pad with the image minimum) and 0 = background for the planning label map.
+
+The DDF in the stitched ``pred`` is defined on the whole (unpadded) volume in its voxel units, so the planning
+labels are warped **once**, with :func:`warp_planning_labels` (MONAI ``Warp``), not per tile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.networks.blocks import Warp
+
+from prostate_jrs.nets.warp import labels_to_onehot
+
+__all__ = ["ValidPatchInferer", "warp_labels", "warp_planning_labels"]
+
+
+def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    values = (int(value),) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+class ValidPatchInferer(Inferer):
+    """Tile-exact whole-volume inferer for networks whose output is the centre of their input tile.
+
+    Usable as a MONAI bundle ``inferer``: ``inferer(inputs, network)``.
+
+    Args:
+        patch_size: network input tile (per axis or one int), e.g. 96.
+        output_size: network output for that tile, e.g. 56; ``None`` for ``patch_size - 40`` (the JRS U-Nets).
+        tile_batch_size: tiles per network call.
+        amp: run the network under ``torch.autocast`` when it runs on CUDA (ignored on CPU); outputs are float32.
+        amp_dtype: autocast dtype.
+        sw_device: device the network runs on; ``None`` for the device of ``inputs``.
+        device: device of the stitched output; ``None`` for the device of ``inputs``.
+
+    Raises:
+        ValueError: if ``patch_size - output_size`` is negative or odd on some axis.
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int] = 96,
+        output_size: int | Sequence[int] | None = 56,
+        tile_batch_size: int = 4,
+        amp: bool = False,
+        amp_dtype: torch.dtype = torch.float16,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = _triple(patch_size, "patch_size")
+        self.output_size = (
+            tuple(p - 40 for p in self.patch_size) if output_size is None else _triple(output_size, "output_size")
+        )
+        diff = [p - o for p, o in zip(self.patch_size, self.output_size, strict=True)]
+        if min(diff) < 0 or any(d % 2 for d in diff):
+            raise ValueError(
+                f"patch_size {self.patch_size} minus output_size {self.output_size} must be even and non-negative"
+            )
+        self.border = tuple(d // 2 for d in diff)
+        if tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be >= 1, got {tile_batch_size}")
+        self.tile_batch_size = int(tile_batch_size)
+        self.amp = bool(amp)
+        self.amp_dtype = amp_dtype
+        self.sw_device = None if sw_device is None else torch.device(sw_device)
+        self.device = None if device is None else torch.device(device)
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Run ``network`` over the whole volume.
+
+        Args:
+            inputs: volume batch (B, C, X, Y, Z), any spatial size.
+            network: callable mapping (n, C, *patch_size) to (n, C_out, *output_size).
+            args: passed to ``network`` after the tile batch.
+            kwargs: passed to ``network``.
+
+        Returns:
+            Stitched output (B, C_out, X, Y, Z), float32, on ``device``; a ``MetaTensor`` carrying the input's
+            metadata when ``inputs`` is one.
+
+        Raises:
+            ValueError: if ``inputs`` is not 5-D or the network's output is not of ``output_size``.
+        """
+        if inputs.dim() != 5:
+            raise ValueError(f"expected inputs (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        source = inputs if isinstance(inputs, MetaTensor) else None
+        if source is not None:
+            inputs = source.as_tensor()  # tiles are plain crops; the metadata goes back onto the result
+        batch, channels, *spatial = inputs.shape
+        sw_device = self.sw_device or inputs.device
+        out_device = self.device or inputs.device
+        tiles_per_axis = [math.ceil(s / o) for s, o in zip(spatial, self.output_size, strict=True)]
+        padded_size = [n * o + 2 * b for n, o, b in zip(tiles_per_axis, self.output_size, self.border, strict=True)]
+
+        # per-sample, per-channel minimum: air for CT, background (0) for the label map
+        fill = inputs.reshape(batch, channels, -1).amin(dim=2)
+        padded = fill[:, :, None, None, None].expand(batch, channels, *padded_size).clone()
+        bx, by, bz = self.border
+        padded[:, :, bx : bx + spatial[0], by : by + spatial[1], bz : bz + spatial[2]] = inputs
+
+        origins = [
+            (b, i * self.output_size[0], j * self.output_size[1], k * self.output_size[2])
+            for b in range(batch)
+            for i in range(tiles_per_axis[0])
+            for j in range(tiles_per_axis[1])
+            for k in range(tiles_per_axis[2])
+        ]
+        px, py, pz = self.patch_size
+        ox, oy, oz = self.output_size
+        result: torch.Tensor | None = None
+        use_amp = self.amp and sw_device.type == "cuda"
+        for start in range(0, len(origins), self.tile_batch_size):
+            chunk = origins[start : start + self.tile_batch_size]
+            tiles = torch.stack([padded[b, :, x : x + px, y : y + py, z : z + pz] for b, x, y, z in chunk])
+            with torch.autocast(device_type=sw_device.type, dtype=self.amp_dtype, enabled=use_amp):
+                out = network(tiles.to(sw_device), *args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"network must return a tensor, got {type(out).__name__}")
+            if tuple(out.shape[2:]) != self.output_size or out.shape[0] != len(chunk):
+                raise ValueError(
+                    f"network output {tuple(out.shape)} for tiles {tuple(tiles.shape)} does not have spatial size "
+                    f"output_size={self.output_size}; set patch_size/output_size to the network's"
+                )
+            out = torch.as_tensor(out).to(device=out_device, dtype=torch.float32)
+            if result is None:
+                full = [n * o for n, o in zip(tiles_per_axis, self.output_size, strict=True)]
+                result = torch.zeros(batch, out.shape[1], *full, device=out_device, dtype=torch.float32)
+            for (b, x, y, z), tile_out in zip(chunk, out, strict=True):
+                result[b, :, x : x + ox, y : y + oy, z : z + oz] = tile_out
+        assert result is not None  # at least one tile exists for a non-empty volume
+        result = result[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        if source is not None:  # same grid as the input: affine and transform history stay valid
+            result = MetaTensor(result, meta=source.meta, applied_operations=list(source.applied_operations))
+        return result
+
+
+_WARPS: dict[str, Warp] = {}
+
+
+def _warp(mode: str) -> Warp:
+    if mode not in _WARPS:
+        _WARPS[mode] = Warp(mode=mode, padding_mode="border")
+    return _WARPS[mode]
+
+
+def warp_labels(labels: torch.Tensor, ddf: torch.Tensor, mode: str = "nearest", num_classes: int = 5) -> torch.Tensor:
+    """Warp a label map with a DDF on the same grid (MONAI ``Warp``).
+
+    Args:
+        labels: integer label map (B, 1, X, Y, Z), any dtype.
+        ddf: (B, 3, X, Y, Z), voxel units, ``warped(x) = labels(x + ddf(x))``.
+        mode: ``"nearest"`` (the paper's Reg path) or ``"trilinear"`` (one-hot warped trilinearly, then argmax).
+        num_classes: number of labels, for ``"trilinear"``.
+
+    Returns:
+        Warped label map (B, 1, X, Y, Z), dtype of ``labels``.
+
+    Raises:
+        ValueError: on an unknown mode or mismatched shapes.
+    """
+    if labels.shape[0] != ddf.shape[0] or labels.shape[2:] != ddf.shape[2:] or labels.shape[1] != 1:
+        raise ValueError(f"labels {tuple(labels.shape)} and ddf {tuple(ddf.shape)} must be (B, 1, *S) and (B, 3, *S)")
+    ddf = torch.as_tensor(ddf).float()
+    labels = torch.as_tensor(labels)
+    if mode == "nearest":
+        return _warp("nearest")(labels.float(), ddf).round().to(labels.dtype)
+    if mode == "trilinear":
+        prob = _warp("bilinear")(labels_to_onehot(labels, num_classes), ddf)
+        return prob.argmax(dim=1, keepdim=True).to(labels.dtype)
+    raise ValueError(f"unknown label warp mode {mode!r}; expected 'nearest' or 'trilinear'")
+
+
+def warp_planning_labels(image: torch.Tensor, pred: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Planning label map (``image`` channel 2) warped once with the stitched DDF (``pred`` channels 0-2).
+
+    Returns:
+        (B, 1, X, Y, Z) label map on the daily grid, dtype of ``image``.
+    """
+    return warp_labels(image[:, 2:3], pred[:, 0:3], mode=mode)

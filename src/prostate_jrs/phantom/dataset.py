@@ -1,0 +1,207 @@
+"""Writing a synthetic dataset: NIfTI images, label maps, ground-truth DDFs and a MONAI ``datalist.json``.
+
+Layout (paths in ``datalist.json`` are relative to the folder)::
+
+    OUT/datalist.json               training / validation / test, split by patient
+    OUT/phantom.json                config and every drawn parameter (provenance)
+    OUT/JRS001_planning_ct.nii.gz   int16 HU           (moving_image)
+    OUT/JRS001_planning_labels.nii.gz  uint8 0..4      (moving_label)
+    OUT/JRS001_f01_ct.nii.gz        daily CT           (fixed_image)
+    OUT/JRS001_f01_labels.nii.gz    daily labels       (fixed_label)
+    OUT/JRS001_f01_ddf.nii.gz       float32 (I, J, K, 3) on the daily grid, daily voxel units (ddf)
+    OUT/JRS001_preview.png          with ``preview=True``
+
+The folder appears complete or not at all: everything is written to a hidden sibling folder first and
+renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from prostate_jrs.geometry import index_to_world
+from prostate_jrs.labels import LABEL_NAMES
+
+from .config import PhantomConfig
+from .generate import Patient, generate_patient
+
+__all__ = ["DDF_CONVENTION", "patient_seed", "split_patients", "write_dataset", "write_ddf"]
+
+DDF_CONVENTION = (
+    "ddf is (I, J, K, 3) on the daily (fixed) grid in daily voxel units; channel c displaces along voxel axis c. "
+    "Daily voxel x shows the planning (moving) anatomy at the world point A_daily @ (x + ddf(x)), A_daily being "
+    "the daily image's voxel-to-world affine."
+)
+# Split fractions by patient (validation, test); the rest trains.
+_VALIDATION, _TEST = 0.2, 0.2
+
+
+def patient_seed(seed: int, index: int) -> int:
+    """Seed of patient ``index`` in a dataset made with ``seed``; adding patients leaves earlier ones unchanged."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def split_patients(patient_ids: list[str], seed: int) -> dict[str, list[str]]:
+    """Split patients (never their fractions) into training / validation / test.
+
+    About 20 % each for validation and test, at least one each from three patients on; with two patients one
+    trains and one tests; one patient only trains. The order is shuffled by ``seed``.
+    """
+    n = len(patient_ids)
+    n_test = 0 if n < 2 else max(1, round(_TEST * n))
+    n_val = 0 if n < 3 else max(1, round(_VALIDATION * n))
+    order = np.random.default_rng([seed, 99]).permutation(n)
+    shuffled = [patient_ids[i] for i in order]
+    return {
+        "test": sorted(shuffled[:n_test]),
+        "validation": sorted(shuffled[n_test : n_test + n_val]),
+        "training": sorted(shuffled[n_test + n_val :]),
+    }
+
+
+def write_ddf(ddf: np.ndarray, reference: sitk.Image, path: str | Path) -> None:
+    """Write a ``(3, I, J, K)`` DDF as NIfTI ``(I, J, K, 3)`` with the reference image's (RAS) affine.
+
+    SimpleITK writes vector images as 5-D NIfTI ``(I, J, K, 1, 3)``, which MONAI's ``EnsureChannelFirst`` does
+    not turn into ``(3, I, J, K)``; nibabel writes the plain 4-D layout. RAS = LPS with x and y negated.
+
+    Raises:
+        ValueError: if the DDF does not match the reference grid.
+    """
+    if ddf.shape != (3, *reference.GetSize()):
+        raise ValueError(f"ddf of shape {ddf.shape} does not match grid (3, {reference.GetSize()})")
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ index_to_world(reference)
+    image = nib.Nifti1Image(np.moveaxis(ddf, 0, -1).astype(np.float32), affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_patient(patient: Patient, folder: Path) -> list[dict[str, object]]:
+    pid = patient.patient_id
+    moving_image, moving_label = f"{pid}_planning_ct.nii.gz", f"{pid}_planning_labels.nii.gz"
+    sitk.WriteImage(patient.planning.image, str(folder / moving_image), useCompression=True)
+    sitk.WriteImage(patient.planning.labels, str(folder / moving_label), useCompression=True)
+    items = []
+    for f, fraction in enumerate(patient.fractions, start=1):
+        stem = f"{pid}_f{f:02d}"
+        sitk.WriteImage(fraction.image, str(folder / f"{stem}_ct.nii.gz"), useCompression=True)
+        sitk.WriteImage(fraction.labels, str(folder / f"{stem}_labels.nii.gz"), useCompression=True)
+        write_ddf(fraction.ddf, fraction.image, folder / f"{stem}_ddf.nii.gz")
+        items.append(
+            {
+                "fixed_image": f"{stem}_ct.nii.gz",
+                "moving_image": moving_image,
+                "moving_label": moving_label,
+                "fixed_label": f"{stem}_labels.nii.gz",
+                "ddf": f"{stem}_ddf.nii.gz",
+                "patient": pid,
+                "fraction": f,
+            }
+        )
+    return items
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n_patients: int,
+    n_fractions: int,
+    seed: int,
+    config: PhantomConfig | None = None,
+    preview: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Generate ``n_patients`` patients with ``n_fractions`` daily scans each and write them as a dataset.
+
+    Args:
+        out_dir: folder to create; it must not exist or be empty.
+        n_patients: number of patients (>= 1), named JRS001, JRS002, ...
+        n_fractions: daily scans per patient (>= 1).
+        seed: dataset seed; patient ``i`` uses :func:`patient_seed` ``(seed, i)``.
+        config: phantom config (clinical-looking default when ``None``).
+        preview: also write ``<patient>_preview.png``.
+        progress: called with a short message after each patient.
+
+    Returns:
+        Path of ``datalist.json``.
+
+    Raises:
+        ValueError: for bad counts or seed.
+        FileExistsError: if ``out_dir`` exists and is not an empty folder.
+    """
+    if not isinstance(n_patients, int) or n_patients < 1:
+        raise ValueError(f"n_patients must be a positive integer, got {n_patients!r}")
+    if not isinstance(n_fractions, int) or n_fractions < 1:
+        raise ValueError(f"n_fractions must be a positive integer, got {n_fractions!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    config = config or PhantomConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
+    try:
+        items: dict[str, list[dict[str, object]]] = {}
+        provenance: dict[str, object] = {}
+        ids = [f"JRS{i + 1:03d}" for i in range(n_patients)]
+        for i, pid in enumerate(ids):
+            patient = generate_patient(patient_seed(seed, i), n_fractions, config, patient_id=pid)
+            items[pid] = _write_patient(patient, staging)
+            if preview:
+                from .preview import save_preview  # matplotlib only when asked for
+
+                save_preview(patient, staging / f"{pid}_preview.png")
+            provenance[pid] = {
+                "seed": patient.seed,
+                "anatomy": patient.anatomy.params,
+                "fractions": [fraction.info for fraction in patient.fractions],
+            }
+            if progress is not None:
+                progress(f"{pid}: planning + {n_fractions} fractions written")
+        split = split_patients(ids, seed)
+        datalist: dict[str, object] = {
+            "name": "prostate-jrs synthetic pelvis",
+            "description": "Synthetic planning/daily pelvic CT pairs with known deformation (prostate_jrs.phantom)",
+            "seed": seed,
+            "modality": {"0": "CT"},
+            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+            "ddf_convention": DDF_CONVENTION,
+        }
+        for part in ("training", "validation", "test"):
+            datalist[part] = [item for pid in split[part] for item in items[pid]]
+        (staging / "phantom.json").write_text(
+            json.dumps(_jsonable({"config": dataclasses.asdict(config), "patients": provenance}), indent=1)
+        )
+        (staging / "datalist.json").write_text(json.dumps(datalist, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / "datalist.json"
