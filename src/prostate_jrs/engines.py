@@ -1,0 +1,488 @@
+"""Ignite/MONAI glue of the bundle: batch preparation, multi-scale training forward, loss bookkeeping, evaluation
+tables and the inference writer.
+
+The bundle's ``train#trainer`` is MONAI's ``SupervisedTrainer`` (NVFlare's ``MonaiAlgo`` requires one). It calls
+``prepare_batch`` -> ``inferer(inputs, network)`` -> ``loss_function(pred, targets)``; the classes here fit the
+JRS network and loss into those three slots:
+
+* :class:`JRSPrepareBatch`: ``image`` to the device, targets = the three input channels and the daily labels;
+* :class:`MultiScaleInferer`: the training forward returns the multi-scale outputs the loss needs;
+* :class:`JRSTrainingLoss`: ``JRSLoss``'s dict of terms -> the scalar the trainer back-propagates, keeping the
+  terms for :class:`LossTermsHandler` (TensorBoard/console per epoch, and DWA's once-per-epoch update).
+
+Evaluation and inference restore each case to the daily CT's own grid
+(:func:`prostate_jrs.evaluation.restore_to_daily_grid`): :class:`EvaluationWriter` writes per-case and summary
+CSVs and a PNG montage, :class:`InferenceWriter` the label map, DDF and segmentation files of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor, decollate_batch
+from monai.engines.utils import PrepareBatch
+from monai.inferers import Inferer
+from monai.transforms import LoadImage
+from monai.utils import min_version, optional_import
+from torch import nn
+
+from prostate_jrs.evaluation import (
+    DailyGridResult,
+    case_metrics,
+    output_grid_affine,
+    resolve_contour_source,
+    restore_to_daily_grid,
+    spacing_from_affine,
+    summarize,
+    write_csv,
+)
+from prostate_jrs.labels import STRUCTURES
+from prostate_jrs.losses import JRSLoss
+from prostate_jrs.metrics import deformation_quality, structure_metrics
+from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, case_name
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+
+__all__ = [
+    "EvaluationWriter",
+    "InferenceWriter",
+    "JRSPrepareBatch",
+    "JRSTrainingLoss",
+    "LossTermsHandler",
+    "MultiScaleInferer",
+    "MultiScaleNetwork",
+    "path_agreement",
+    "restore_item",
+]
+
+logger = logging.getLogger(__name__)
+
+_METRICS = ("dsc", "msd_mm", "hd95_mm")
+_DDF_METRICS = ("folding_fraction", "jacobian_std", "jacobian_min", "jacobian_max")
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """The tensor without MONAI metadata."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class JRSPrepareBatch(PrepareBatch):
+    """``prepare_batch`` of trainer and evaluators: returns ``(image, targets)``.
+
+    ``targets`` holds ``fixed_image``, ``moving_image``, ``moving_label`` (channels 0, 1, 2 of ``image``) and,
+    when the batch has it, ``fixed_label``: exactly the keyword arguments of
+    :meth:`prostate_jrs.losses.JRSLoss.forward`.
+    """
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Move ``image`` (and ``fixed_label``) to ``device`` and split the targets.
+
+        Raises:
+            KeyError: if the batch has no ``image``.
+        """
+        if IMAGE not in batchdata:
+            raise KeyError(f"batch has no {IMAGE!r} (keys: {sorted(batchdata)}); the preprocessing must build it")
+        # plain tensors: MetaTensor bookkeeping on every network and loss operation only costs time here; the
+        # geometry stays in the batch, where the evaluation handlers read it
+        image = _plain(batchdata[IMAGE]).to(device=device, non_blocking=non_blocking, **kwargs)
+        targets = {"fixed_image": image[:, 0:1], "moving_image": image[:, 1:2], "moving_label": image[:, 2:3]}
+        if isinstance(batchdata.get(FIXED_LABEL), torch.Tensor):  # inference datalists may name unloaded labels
+            label = _plain(batchdata[FIXED_LABEL]).to(device=device, non_blocking=non_blocking, **kwargs)
+            targets["fixed_label"] = label
+        return image, targets
+
+
+class MultiScaleNetwork(nn.Module):
+    """Wraps a JRS network so that ``forward`` returns ``forward_multiscale`` (for DDP, whose forward must run).
+
+    Args:
+        network: a :class:`prostate_jrs.nets.JRSNetwork`.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Multi-scale outputs of the wrapped network."""
+        return self.network.forward_multiscale(image)  # type: ignore[operator]
+
+
+class MultiScaleInferer(Inferer):
+    """Training ``inferer``: the network's multi-scale outputs ``{"ddf": [...], "logits": [...]}``.
+
+    Calls ``network.forward_multiscale``; a network without it (``DistributedDataParallel`` around a
+    :class:`MultiScaleNetwork`) is called directly and must return the same dictionary.
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> dict[str, list[torch.Tensor]]:
+        """Run the multi-scale forward.
+
+        Raises:
+            TypeError: if the network returns no dictionary of outputs.
+        """
+        inputs = _plain(inputs)
+        if hasattr(network, "forward_multiscale"):
+            outputs = network.forward_multiscale(inputs, *args, **kwargs)
+        else:
+            outputs = network(inputs, *args, **kwargs)
+        if not isinstance(outputs, Mapping):
+            raise TypeError(
+                f"training forward returned {type(outputs).__name__}; expected the multi-scale dict "
+                "(wrap the network in prostate_jrs.engines.MultiScaleNetwork before DistributedDataParallel)"
+            )
+        return dict(outputs)
+
+
+class JRSTrainingLoss(nn.Module):
+    """``loss_function`` of the trainer: :class:`~prostate_jrs.losses.JRSLoss` returning its total.
+
+    The terms of the last call are kept in :attr:`last_terms` (detached floats) for :class:`LossTermsHandler`.
+    Its parameters are the loss's (homoscedastic log-variances): give them to the optimizer.
+
+    Args:
+        loss: the multi-term loss.
+    """
+
+    def __init__(self, loss: JRSLoss) -> None:
+        super().__init__()
+        self.loss = loss
+        self.last_terms: dict[str, float] = {}
+
+    def forward(
+        self, outputs: Mapping[str, Sequence[torch.Tensor]], targets: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Total loss of the multi-scale ``outputs`` against the ``targets`` of :class:`JRSPrepareBatch`."""
+        terms = self.loss(outputs, **targets)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items() if v.numel() == 1}
+        return terms["loss"]
+
+
+class LossTermsHandler:
+    """Per-epoch means of the loss terms into ``engine.state.metrics``, and DWA's epoch update.
+
+    Attach it before ``StatsHandler``/``TensorBoardStatsHandler`` so they report ``train_<term>`` (``seg``,
+    ``reg``, ``seg_reg``, ``ncc``, ``bending``, ``weight_<term>``) every epoch.
+
+    Args:
+        loss: the trainer's :class:`JRSTrainingLoss`.
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, loss: JRSTrainingLoss, prefix: str = "train_") -> None:
+        self.loss = loss
+        self.prefix = prefix
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ITERATION_COMPLETED and EPOCH_COMPLETED."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._count = {}, 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        for key, value in self.loss.last_terms.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self._count:
+            for key, total in self._sums.items():
+                engine.state.metrics[f"{self.prefix}{key}"] = total / self._count
+        weights = self.loss.loss.epoch_end()
+        for term, weight in zip(self.loss.loss.terms, weights.tolist(), strict=True):
+            engine.state.metrics[f"{self.prefix}next_weight_{term}"] = float(weight)
+
+
+def _items(engine: Engine) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(batch item, output item) pairs of the current iteration, decollating if the engine did not."""
+    batch, output = engine.state.batch, engine.state.output
+    batch_items = batch if isinstance(batch, list) else decollate_batch(batch)
+    output_items = output if isinstance(output, list) else decollate_batch(output)
+    return list(zip(batch_items, output_items, strict=True))
+
+
+def _filename(value: Any, key: str) -> str:
+    meta = getattr(value, "meta", None)
+    if not meta or "filename_or_obj" not in meta:
+        raise KeyError(f"{key} has no file name in its metadata; load it with LoadImaged(image_only=True)")
+    return str(meta["filename_or_obj"])
+
+
+def restore_item(
+    batch_item: Mapping[str, Any], output_item: Mapping[str, Any], contour_source: Mapping[str, str]
+) -> tuple[str, DailyGridResult]:
+    """Restore one evaluated item to the daily CT's own grid.
+
+    Uses the model-grid affine of ``image``, the daily grid (``original_affine``, ``spatial_shape``) that
+    ``LoadImaged`` recorded in ``fixed_image``'s metadata, and re-reads the planning label map from its file so
+    the registration path warps the original contours.
+
+    Returns:
+        ``(case name, result)``.
+
+    Raises:
+        KeyError: if the item lacks the metadata.
+    """
+    image, fixed = batch_item[IMAGE], batch_item[FIXED_IMAGE]
+    pred = torch.as_tensor(output_item[PRED]).detach().float().cpu().numpy()
+    image_affine = np.asarray(torch.as_tensor(image.affine).cpu(), dtype=np.float64)
+    pred_affine = output_grid_affine(image_affine, tuple(image.shape[1:]), tuple(pred.shape[1:]))
+    daily_path = _filename(fixed, FIXED_IMAGE)
+    daily_affine = np.asarray(fixed.meta["original_affine"], dtype=np.float64)
+    daily_shape = tuple(int(v) for v in np.asarray(fixed.meta["spatial_shape"]).ravel()[:3])
+    planning = LoadImage(image_only=True)(_filename(batch_item[MOVING_LABEL], MOVING_LABEL))
+    result = restore_to_daily_grid(
+        pred,
+        pred_affine,
+        daily_affine,
+        daily_shape,
+        np.asarray(planning),
+        np.asarray(planning.affine, dtype=np.float64),
+        contour_source,
+    )
+    return case_name(daily_path), result
+
+
+def path_agreement(result: DailyGridResult, contour_source: Mapping[str, str]) -> dict[str, Any]:
+    """QA signal of one case: how far the registration and segmentation paths agree, and DDF folding.
+
+    Returns:
+        ``{"structures": {name: {"source", "dsc", "msd_mm", "hd95_mm", "reg_volume_ml", "seg_volume_ml"}},
+        "ddf": {"folding_fraction", "jacobian_std", "jacobian_min", "jacobian_max"}}``; distances that do not
+        exist (a structure missing from a path) are ``None``.
+    """
+
+    def _clean(value: float) -> float | None:
+        return None if math.isnan(value) else round(float(value), 4)
+
+    spacing = spacing_from_affine(result.affine)
+    structures = {}
+    for name, m in structure_metrics(result.reg, result.seg, spacing).items():
+        structures[name] = {
+            "source": contour_source[name],
+            "dsc": _clean(m.dsc),
+            "msd_mm": _clean(m.msd_mm),
+            "hd95_mm": _clean(m.hd95_mm),
+            "reg_volume_ml": _clean(m.volume_ml),
+            "seg_volume_ml": _clean(m.reference_volume_ml),
+        }
+    quality = deformation_quality(result.ddf, mask=result.fov if result.fov.any() else None)
+    return {"structures": structures, "ddf": {k: _clean(v) for k, v in quality.as_dict().items()}}
+
+
+class EvaluationWriter:
+    """Per-case metrics on the daily grid, per structure and path, written as CSV with a summary and a montage.
+
+    Files in ``output_dir``: ``metrics_per_case.csv`` (case, patient, path, structure, dsc, msd_mm, hd95_mm,
+    volumes), ``ddf_quality.csv`` (fraction of det J <= 0, SD/min/max of det J inside the network's field of
+    view), ``metrics_summary.csv`` (mean, SD, median and n per path, structure and metric, plus the DDF
+    metrics) and ``montage.png`` (the worst and best cases by mean DSC of the final contours).
+
+    Args:
+        output_dir: folder of the result files.
+        network_name: the bundle's network (forces the path of single-task networks).
+        contour_source: structure -> ``"reg"``/``"seg"``.
+        num_montage_cases: cases shown at each end of the ranking.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        network_name: str = "cross_stitch",
+        contour_source: Mapping[str, str] | None = None,
+        num_montage_cases: int = 3,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.contour_source = resolve_contour_source(network_name, contour_source)
+        self.num_montage_cases = num_montage_cases
+        self.rows: list[dict[str, object]] = []
+        self.ddf_rows: list[dict[str, object]] = []
+        self._slices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Register on EPOCH_STARTED, ITERATION_COMPLETED and EPOCH_COMPLETED."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self.ddf_rows, self._slices = [], [], {}
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        for batch_item, output_item in _items(engine):
+            if FIXED_LABEL not in batch_item:
+                raise KeyError("evaluation needs fixed_label (the daily reference contours) in every datalist item")
+            name, result = restore_item(batch_item, output_item, self.contour_source)
+            reference = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_LABEL], FIXED_LABEL)))
+            patient = str(batch_item.get("patient", ""))
+            rows, ddf_row = case_metrics(result, reference, case=name, patient=patient)
+            self.rows.extend(rows)
+            self.ddf_rows.append(ddf_row)
+            daily = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_IMAGE], FIXED_IMAGE)))
+            self._keep_slice(name, daily, reference, result.labels)
+
+    def _keep_slice(self, name: str, daily: np.ndarray, reference: np.ndarray, final: np.ndarray) -> None:
+        """Keep one axial slice (through the reference prostate, else the middle) for the montage."""
+        daily = daily[0] if daily.ndim == 4 else daily
+        reference = np.rint(reference[0] if reference.ndim == 4 else reference).astype(np.uint8)
+        target = np.nonzero(reference == 1)[2]
+        k = int(np.median(target)) if target.size else reference.shape[2] // 2
+        self._slices[name] = (daily[:, :, k].astype(np.float32), reference[:, :, k], final[:, :, k])
+
+    def _write(self, engine: Engine) -> None:
+        if not self.rows:
+            logger.warning("evaluation saw no case; nothing written")
+            return
+        columns = ["case", "patient", "path", "structure", *_METRICS, "volume_ml", "reference_volume_ml"]
+        write_csv(self.output_dir / "metrics_per_case.csv", self.rows, columns)
+        write_csv(self.output_dir / "ddf_quality.csv", self.ddf_rows, ["case", "patient", *_DDF_METRICS])
+        summary = summarize(self.rows, ["path", "structure"], _METRICS)
+        summary += summarize(
+            [{**r, "path": "ddf", "structure": "all"} for r in self.ddf_rows], ["path", "structure"], _DDF_METRICS
+        )
+        write_csv(
+            self.output_dir / "metrics_summary.csv",
+            summary,
+            ["path", "structure", "metric", "n", "mean", "sd", "median"],
+        )
+        self._montage()
+        for row in summary:
+            if row["metric"] in ("dsc", "msd_mm", "folding_fraction"):
+                logger.info(
+                    f"{row['path']:>5} {row['structure']:<16} {row['metric']:<16} "
+                    f"mean {row['mean']:.4g} sd {row['sd']:.4g} median {row['median']:.4g} (n={row['n']})"
+                )
+        for row in summary:
+            if row["path"] == "final" and row["metric"] == "dsc":
+                engine.state.metrics[f"final_dsc_{row['structure']}"] = row["mean"]
+        logger.info(f"evaluation tables written to {self.output_dir}")
+
+    def _case_scores(self) -> list[tuple[float, str]]:
+        scores: dict[str, list[float]] = {}
+        for row in self.rows:
+            if row["path"] == "final":
+                scores.setdefault(str(row["case"]), []).append(float(row["dsc"]))  # type: ignore[arg-type]
+        return sorted((float(np.mean(v)), k) for k, v in scores.items())
+
+    def _montage(self) -> None:
+        """Worst cases (top row) and best cases (bottom row): daily CT, reference (white), final (colours)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+
+        ranked = self._case_scores()
+        n = max(1, min(self.num_montage_cases, len(ranked) // 2))  # distinct worst and best cases from 2 on
+        rows = [("worst", ranked[:n]), ("best", ranked[::-1][:n])]
+        colours = ListedColormap([(0, 0, 0, 0), *[(*(c / 255 for c in s.color), 0.45) for s in STRUCTURES]])
+        fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+        for r, (title, cases) in enumerate(rows):
+            for c in range(n):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c >= len(cases):
+                    continue
+                score, name = cases[c]
+                daily, reference, final = self._slices[name]
+                ax.imshow(np.clip(daily.T, -200, 300), cmap="gray", origin="lower")
+                ax.imshow(final.T, cmap=colours, vmin=0, vmax=len(STRUCTURES), origin="lower", interpolation="nearest")
+                ax.contour(
+                    (reference > 0).T.astype(float), levels=[0.5], colors="white", linewidths=0.6, origin="lower"
+                )
+                ax.set_title(f"{title}: {name}\nmean DSC {score:.3f}", fontsize=8)
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / ".montage.png.tmp"
+        fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        tmp.replace(self.output_dir / "montage.png")
+
+
+class InferenceWriter:
+    """Writes ``O/NAME/NAME_labels.nii.gz``, ``NAME_ddf.nii.gz`` and ``NAME_seg.nii.gz`` on the daily image's grid.
+
+    ``labels``: final contours (uint8, 0..4); ``ddf``: float32 ``(I, J, K, 3)`` in voxel units of the daily grid
+    (DESIGN.md convention); ``seg``: the segmentation path (uint8). With ``write_qa`` also ``NAME_qa.json``: the
+    agreement of the two paths per structure and the DDF's folding (:func:`path_agreement`), the QA signal of
+    DESIGN.md. A case's folder appears complete or not at all (written under a temporary name, then renamed).
+    The daily NIfTI header is copied, so the files overlay the daily CT exactly.
+
+    Args:
+        output_dir: output folder ``O``.
+        network_name: the bundle's network (forces the path of single-task networks).
+        contour_source: structure -> ``"reg"``/``"seg"``.
+        write_qa: also write ``NAME_qa.json``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        network_name: str = "cross_stitch",
+        contour_source: Mapping[str, str] | None = None,
+        write_qa: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.contour_source = resolve_contour_source(network_name, contour_source)
+        self.write_qa = write_qa
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ITERATION_COMPLETED."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        for batch_item, output_item in _items(engine):
+            name, result = restore_item(batch_item, output_item, self.contour_source)
+            self.write(name, result, _filename(batch_item[FIXED_IMAGE], FIXED_IMAGE))
+
+    def write(self, name: str, result: DailyGridResult, daily_path: str | Path) -> Path:
+        """Write one case; returns its folder."""
+        header = None
+        try:
+            daily = nib.load(str(daily_path))
+            if isinstance(daily, nib.Nifti1Image) and np.allclose(daily.affine, result.affine, atol=1e-4):
+                header = daily.header
+        except Exception:  # a non-NIfTI daily image: write a plain NIfTI header with the affine
+            header = None
+        folder = self.output_dir / name
+        partial = self.output_dir / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        volumes = {
+            "labels": result.labels.astype(np.uint8),
+            "ddf": np.moveaxis(result.ddf, 0, -1).astype(np.float32),
+            "seg": result.seg.astype(np.uint8),
+        }
+        for suffix, data in volumes.items():
+            image = nib.Nifti1Image(data, result.affine, header=header)
+            image.set_data_dtype(data.dtype)
+            nib.save(image, str(partial / f"{name}_{suffix}.nii.gz"))
+        if self.write_qa:
+            qa = path_agreement(result, self.contour_source)
+            (partial / f"{name}_qa.json").write_text(json.dumps(qa, indent=2, allow_nan=False), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+        logger.info(f"wrote {folder}")
+        return folder

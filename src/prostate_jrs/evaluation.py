@@ -1,0 +1,462 @@
+"""From network-grid predictions to results on the daily CT's own grid, and tables of metrics.
+
+The bundle runs the network on a *model grid*: the daily CT reoriented (RAS), resampled to the model
+spacing and cropped around the planning contours. Everything a user sees (label maps, the DDF, metrics in
+mm) lives on the *daily grid*, the voxel grid of the daily CT file. The functions here move data between
+the two with the world mapping carried by 4x4 index-to-world affines (MONAI/NIfTI RAS; any common world
+frame works, the LPS/RAS flip cancels in every formula):
+
+* scalar or label data: resampled through ``A_model^-1 @ A_daily`` (:func:`resample_to_grid`);
+* a DDF: resampled the same way *and* its vectors mapped from model-grid voxel units to daily-grid voxel
+  units by ``A_daily[:3, :3]^-1 @ A_model[:3, :3]`` (:func:`ddf_to_grid`). This one matrix undoes the
+  spacing ratio, axis flips and permutations of the reorientation; the crop offset is in the translation of
+  the affines. A DDF is not an intensity image: ``Invertd`` would resample it but leave its vectors in
+  model voxels.
+
+Metrics use :mod:`prostate_jrs.metrics`; this module only arranges them per case, structure and path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from prostate_jrs.labels import STRUCTURES
+from prostate_jrs.metrics import deformation_quality, structure_metrics
+
+__all__ = [
+    "DEFAULT_CONTOUR_SOURCE",
+    "PATHS",
+    "DailyGridResult",
+    "case_metrics",
+    "compose_contours",
+    "ddf_to_grid",
+    "field_of_view_mask",
+    "output_grid_affine",
+    "resample_to_grid",
+    "resolve_contour_source",
+    "restore_to_daily_grid",
+    "spacing_from_affine",
+    "summarize",
+    "update_eval_metrics",
+    "write_csv",
+]
+
+#: Contour paths: ``reg`` = planning contours warped by the DDF, ``seg`` = argmax of the segmentation head,
+#: ``final`` = per-structure choice between the two (:func:`compose_contours`).
+PATHS: tuple[str, str, str] = ("reg", "seg", "final")
+
+#: Default source of each structure's final contour. The registration path keeps the clinician's planning
+#: delineation of the low-contrast targets (prostate, seminal vesicles), whose outline CT barely shows; the
+#: segmentation path follows the filling changes of rectum and bladder, which a smooth DDF underestimates
+#: (METHOD.md section 1, marked there as to be confirmed against the paper).
+DEFAULT_CONTOUR_SOURCE: dict[str, str] = {
+    "prostate": "reg",
+    "seminal_vesicles": "reg",
+    "rectum": "seg",
+    "bladder": "seg",
+}
+
+# Painting order of the final label map: later structures overwrite earlier ones where paths disagree, so
+# the targets (prostate, then seminal vesicles) win over the organs at risk.
+_PAINT_ORDER: tuple[str, ...] = ("bladder", "rectum", "seminal_vesicles", "prostate")
+
+#: Networks with only one task; their final contours must come from that task's path.
+_SINGLE_PATH: dict[str, str] = {"seg": "seg", "reg": "reg", "jrs_reg": "reg"}
+
+
+def resolve_contour_source(network_name: str, contour_source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Per-structure contour source, forced to the one path a single-task network has.
+
+    Args:
+        network_name: the bundle's ``network_name`` (``seg``, ``reg``, ``jrs_reg``, ``dense``, ``sedd``,
+            ``cross_stitch``).
+        contour_source: structure name -> ``"reg"`` or ``"seg"``; missing structures take
+            :data:`DEFAULT_CONTOUR_SOURCE`.
+
+    Raises:
+        ValueError: on an unknown structure or path.
+    """
+    known = {s.name for s in STRUCTURES}
+    source = dict(DEFAULT_CONTOUR_SOURCE)
+    for name, path in dict(contour_source or {}).items():
+        if name not in known:
+            raise ValueError(f"contour_source names unknown structure {name!r}; expected some of {sorted(known)}")
+        if path not in ("reg", "seg"):
+            raise ValueError(f"contour_source[{name!r}] = {path!r}; expected 'reg' or 'seg'")
+        source[name] = path
+    forced = _SINGLE_PATH.get(network_name.lower().replace("-", "_"))
+    if forced is not None:
+        source = dict.fromkeys(source, forced)
+    return source
+
+
+def compose_contours(reg: np.ndarray, seg: np.ndarray, contour_source: Mapping[str, str]) -> np.ndarray:
+    """Final label map taking each structure from the path named in ``contour_source``.
+
+    Args:
+        reg: label map of the registration path.
+        seg: label map of the segmentation path, same shape.
+        contour_source: structure name -> ``"reg"`` or ``"seg"`` (see :func:`resolve_contour_source`).
+
+    Returns:
+        uint8 label map; where two structures claim a voxel the targets win (prostate over seminal vesicles
+        over rectum over bladder).
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    reg, seg = np.asarray(reg), np.asarray(seg)
+    if reg.shape != seg.shape:
+        raise ValueError(f"registration and segmentation label maps differ in shape: {reg.shape} vs {seg.shape}")
+    source = resolve_contour_source("", contour_source)
+    final = np.zeros(reg.shape, dtype=np.uint8)
+    labels = {s.name: s.label for s in STRUCTURES}
+    for name in _PAINT_ORDER:
+        path_map = reg if source[name] == "reg" else seg
+        final[path_map == labels[name]] = labels[name]
+    return final
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the three index axes of a 4x4 index-to-world matrix."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.linalg.norm(matrix, axis=0))  # type: ignore[return-value]
+
+
+def output_grid_affine(input_affine: np.ndarray, input_shape: Sequence[int], output_shape: Sequence[int]) -> np.ndarray:
+    """Affine of a centred valid-convolution output grid (stride 1) inside its input grid.
+
+    A network that maps ``n`` voxels to ``n - 2b`` loses ``b`` voxels per side; its output voxel ``i`` is
+    input voxel ``i + b``. For equal shapes this returns ``input_affine`` unchanged.
+
+    Raises:
+        ValueError: if an output axis is larger than the input or the difference is odd.
+    """
+    offsets = []
+    for n_in, n_out in zip(input_shape, output_shape, strict=True):
+        if n_out > n_in or (n_in - n_out) % 2:
+            raise ValueError(f"output shape {tuple(output_shape)} is not a centred crop of {tuple(input_shape)}")
+        offsets.append((n_in - n_out) // 2)
+    shift = np.eye(4)
+    shift[:3, 3] = offsets
+    return np.asarray(input_affine, dtype=np.float64) @ shift
+
+
+def _grid_points(
+    mapping: np.ndarray, shape: Sequence[int], k0: int, k1: int, ddf: np.ndarray | None = None
+) -> np.ndarray:
+    """Source index coordinates (3, I, J, k1 - k0) of destination voxels ``x + ddf(x)`` in slices ``k0:k1``."""
+    grid = np.stack(
+        np.meshgrid(
+            np.arange(shape[0], dtype=np.float64),
+            np.arange(shape[1], dtype=np.float64),
+            np.arange(k0, k1, dtype=np.float64),
+            indexing="ij",
+        )
+    )
+    if ddf is not None:
+        grid += ddf[:, :, :, k0:k1]
+    return np.tensordot(mapping[:3, :3], grid, axes=1) + mapping[:3, 3, None, None, None]
+
+
+def resample_to_grid(
+    array: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    order: int = 1,
+    mode: str = "nearest",
+    cval: float = 0.0,
+    ddf: np.ndarray | None = None,
+    slab: int = 32,
+) -> np.ndarray:
+    """Resample channel-first data ``(C, *src_shape)`` onto another grid through the world mapping.
+
+    With ``ddf`` this warps: destination voxel ``x`` takes the source value at the world point
+    ``dst_affine @ (x + ddf(x))`` (the DESIGN.md DDF convention, as :func:`prostate_jrs.geometry.resample_with_ddf`
+    but on MONAI/NIfTI affines and channel-first data).
+
+    Args:
+        array: data on the source grid, shape ``(C, I, J, K)``.
+        src_affine: source index-to-world matrix.
+        dst_affine: destination index-to-world matrix (same world frame).
+        dst_shape: destination spatial shape.
+        order: 0 nearest (labels), 1 linear.
+        mode: outside the source: ``"nearest"`` repeats the edge value, ``"constant"`` uses ``cval``.
+        cval: value outside the source for ``mode="constant"``.
+        ddf: optional displacement ``(3, *dst_shape)`` in voxel units of the destination grid.
+        slab: number of destination slices processed at once (bounds memory on large daily CTs).
+
+    Returns:
+        ``(C, *dst_shape)``, the input dtype for ``order == 0`` and float32 otherwise.
+
+    Raises:
+        ValueError: if ``array`` is not 4-D or ``ddf`` does not fit the destination grid.
+    """
+    data = np.asarray(array)
+    if data.ndim != 4:
+        raise ValueError(f"expected channel-first 3-D data (C, I, J, K), got shape {data.shape}")
+    mapping = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    shape = tuple(int(s) for s in dst_shape)
+    if ddf is not None and np.shape(ddf) != (3, *shape):
+        raise ValueError(f"ddf of shape {np.shape(ddf)} does not fit the destination grid (3, {shape})")
+    out = np.empty((data.shape[0], *shape), dtype=data.dtype if order == 0 else np.float32)
+    source = data if order == 0 else data.astype(np.float32, copy=False)
+    displacement = None if ddf is None else np.asarray(ddf, dtype=np.float64)
+    for k0 in range(0, shape[2], slab):
+        k1 = min(k0 + slab, shape[2])
+        points = _grid_points(mapping, shape, k0, k1, displacement)
+        for c in range(data.shape[0]):
+            out[c, :, :, k0:k1] = ndimage.map_coordinates(
+                source[c], points, order=order, mode=mode, cval=cval, prefilter=False
+            )
+    return out
+
+
+def ddf_to_grid(
+    ddf: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int]
+) -> np.ndarray:
+    """Bring a DDF from the model grid to another grid, in voxel units of that grid.
+
+    The DDF convention (DESIGN.md): warped moving at voxel ``x`` is the moving image at the world point
+    ``A (x + ddf(x))``. The world displacement ``A[:3, :3] @ ddf`` is what both grids share; outside the
+    source grid the field is continued with its edge values.
+
+    Args:
+        ddf: ``(3, *src_shape)`` in voxel units of the source grid, channel ``c`` along index axis ``c``.
+        src_affine: index-to-world matrix of the source (model) grid.
+        dst_affine: index-to-world matrix of the destination (daily) grid.
+        dst_shape: spatial shape of the destination grid.
+
+    Returns:
+        float32 ``(3, *dst_shape)`` in voxel units of the destination grid.
+
+    Raises:
+        ValueError: if ``ddf`` is not a 3-channel 3-D field.
+    """
+    field = np.asarray(ddf)
+    if field.ndim != 4 or field.shape[0] != 3:
+        raise ValueError(f"expected a DDF of shape (3, I, J, K), got {field.shape}")
+    resampled = resample_to_grid(field, src_affine, dst_affine, dst_shape, order=1, mode="nearest")
+    vectors = (
+        np.linalg.inv(np.asarray(dst_affine, dtype=np.float64)[:3, :3])
+        @ np.asarray(src_affine, dtype=np.float64)[:3, :3]
+    )
+    return np.tensordot(vectors, resampled, axes=1).astype(np.float32)
+
+
+def field_of_view_mask(
+    src_affine: np.ndarray, src_shape: Sequence[int], dst_affine: np.ndarray, dst_shape: Sequence[int]
+) -> np.ndarray:
+    """Boolean mask of the destination voxels whose centres fall inside the source grid."""
+    ones = np.ones((1, *(int(s) for s in src_shape)), dtype=np.uint8)
+    return resample_to_grid(ones, src_affine, dst_affine, dst_shape, order=0, mode="constant", cval=0)[0] > 0
+
+
+def summarize(
+    rows: Iterable[Mapping[str, object]], group_by: Sequence[str], metrics: Sequence[str]
+) -> list[dict[str, object]]:
+    """Mean, SD (population), median and count of each metric per group, NaN values left out.
+
+    Args:
+        rows: one mapping per case and group, e.g. ``{"path": "reg", "structure": "prostate", "dsc": 0.8}``.
+        group_by: keys that define a group, in output order.
+        metrics: keys of the numeric metrics.
+
+    Returns:
+        One row per group and metric with keys ``*group_by, metric, n, mean, sd, median``.
+    """
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for row in rows:
+        key = tuple(row[g] for g in group_by)
+        bucket = groups.setdefault(key, {m: [] for m in metrics})
+        for metric in metrics:
+            value = float(row[metric])  # type: ignore[arg-type]
+            if not math.isnan(value):
+                bucket[metric].append(value)
+    table: list[dict[str, object]] = []
+    for key, bucket in groups.items():
+        for metric in metrics:
+            values = np.asarray(bucket[metric], dtype=np.float64)
+            stats = (
+                (float(values.mean()), float(values.std()), float(np.median(values)))
+                if values.size
+                else (math.nan, math.nan, math.nan)
+            )
+            table.append(
+                {
+                    **dict(zip(group_by, key, strict=True)),
+                    "metric": metric,
+                    "n": int(values.size),
+                    "mean": stats[0],
+                    "sd": stats[1],
+                    "median": stats[2],
+                }
+            )
+    return table
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> Path:
+    """Write rows to a CSV file atomically (temporary file, then rename).
+
+    Args:
+        path: destination file; its folder is created.
+        rows: the rows; all keys of the first row are the columns unless ``columns`` is given.
+        columns: column order.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class DailyGridResult:
+    """Network outputs brought back to the daily CT's own grid.
+
+    Attributes:
+        ddf: float32 ``(3, I, J, K)`` in voxel units of the daily grid (DESIGN.md convention).
+        reg: uint8 planning label map warped by ``ddf`` (nearest neighbour) from the planning grid.
+        seg: uint8 argmax of the segmentation logits (linearly resampled before the argmax).
+        labels: uint8 final contours (:func:`compose_contours`).
+        affine: the daily grid's index-to-world matrix.
+        fov: boolean mask of the daily voxels the network saw (inside the model grid).
+    """
+
+    ddf: np.ndarray
+    reg: np.ndarray
+    seg: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    fov: np.ndarray
+
+
+def restore_to_daily_grid(
+    pred: np.ndarray,
+    pred_affine: np.ndarray,
+    daily_affine: np.ndarray,
+    daily_shape: Sequence[int],
+    planning_labels: np.ndarray,
+    planning_affine: np.ndarray,
+    contour_source: Mapping[str, str],
+) -> DailyGridResult:
+    """Turn ``pred`` on the model grid into DDF, both contour paths and final contours on the daily grid.
+
+    The registration path warps the *original* planning label map (its own grid, no intermediate
+    resampling) with the daily-grid DDF. The segmentation path is zero outside the model grid's field of view,
+    where the network saw nothing.
+
+    Args:
+        pred: ``(8, *model_shape)``: 3 DDF channels (model voxel units) and 5 segmentation logits.
+        pred_affine: index-to-world matrix of ``pred``'s grid.
+        daily_affine: index-to-world matrix of the daily CT.
+        daily_shape: spatial shape of the daily CT.
+        planning_labels: planning label map on its own grid, ``(I, J, K)`` or ``(1, I, J, K)``.
+        planning_affine: index-to-world matrix of the planning label map.
+        contour_source: structure name -> ``"reg"`` or ``"seg"``.
+
+    Raises:
+        ValueError: if ``pred`` does not have 8 channels.
+    """
+    pred = np.asarray(pred, dtype=np.float32)
+    if pred.ndim != 4 or pred.shape[0] != 8:
+        raise ValueError(f"expected pred of shape (8, I, J, K) (3 DDF + 5 logits), got {pred.shape}")
+    shape = tuple(int(v) for v in daily_shape)
+    ddf = ddf_to_grid(pred[:3], pred_affine, daily_affine, shape)
+    fov = field_of_view_mask(pred_affine, pred.shape[1:], daily_affine, shape)
+    logits = resample_to_grid(pred[3:], pred_affine, daily_affine, shape, order=1, mode="nearest")
+    seg = np.argmax(logits, axis=0).astype(np.uint8)
+    seg[~fov] = 0
+    planning = np.asarray(planning_labels)
+    planning = planning[None] if planning.ndim == 3 else planning
+    planning = np.rint(planning).astype(np.uint8)
+    reg = resample_to_grid(planning, planning_affine, daily_affine, shape, order=0, mode="constant", ddf=ddf)[0]
+    labels = compose_contours(reg, seg, contour_source)
+    return DailyGridResult(ddf=ddf, reg=reg, seg=seg, labels=labels, affine=np.asarray(daily_affine), fov=fov)
+
+
+def case_metrics(
+    result: DailyGridResult, reference: np.ndarray, case: str, patient: str = ""
+) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """DSC, MSD and HD95 (mm) per structure and path, and DDF quality, of one case on the daily grid.
+
+    Args:
+        result: the case's outputs on the daily grid.
+        reference: the daily CT's reference label map ``(I, J, K)`` (or ``(1, I, J, K)``).
+        case: case name (the daily image's file name without extension).
+        patient: patient id, if known.
+
+    Returns:
+        ``(rows, ddf_row)``: one row per path and structure with keys ``case, patient, path, structure, dsc,
+        msd_mm, hd95_mm, volume_ml, reference_volume_ml``; and one row with ``case, patient`` and the
+        :class:`~prostate_jrs.metrics.DeformationQuality` fields, computed inside the field of view.
+
+    Raises:
+        ValueError: if the reference does not lie on the daily grid.
+    """
+    ref = np.asarray(reference)
+    ref = ref[0] if ref.ndim == 4 else ref
+    if ref.shape != result.labels.shape:
+        raise ValueError(f"reference label map of shape {ref.shape} is not on the daily grid {result.labels.shape}")
+    ref = np.rint(ref).astype(np.uint8)
+    spacing = spacing_from_affine(result.affine)
+    rows: list[dict[str, object]] = []
+    for path, label_map in (("reg", result.reg), ("seg", result.seg), ("final", result.labels)):
+        for name, values in structure_metrics(label_map, ref, spacing).items():
+            rows.append({"case": case, "patient": patient, "path": path, "structure": name, **values.as_dict()})
+    quality = deformation_quality(result.ddf, mask=result.fov if result.fov.any() else None)
+    return rows, {"case": case, "patient": patient, **quality.as_dict()}
+
+
+def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> dict[str, float]:
+    """Fill the bundle metadata's ``eval_metrics`` with the means of an evaluation summary.
+
+    Keys are ``<path>_<metric>_<structure>`` (e.g. ``final_dsc_prostate``, ``reg_msd_mm_bladder``) and
+    ``ddf_<metric>`` for the DDF quality; values are the means over cases, rounded to 4 significant digits.
+    The metadata file is rewritten atomically.
+
+    Args:
+        metadata_file: ``bundle/configs/metadata.json``.
+        summary_csv: ``metrics_summary.csv`` written by the bundle's ``evaluate.json``.
+
+    Returns:
+        The new ``eval_metrics``.
+
+    Raises:
+        ValueError: if the summary has no rows.
+    """
+    with Path(summary_csv).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{summary_csv}: no rows; run the bundle's evaluate.json first")
+    metrics: dict[str, float] = {}
+    for row in rows:
+        key = f"ddf_{row['metric']}" if row["path"] == "ddf" else f"{row['path']}_{row['metric']}_{row['structure']}"
+        value = float(row["mean"])
+        metrics[key] = value if math.isnan(value) else float(f"{value:.4g}")
+    metrics["num_cases"] = max(int(row["n"]) for row in rows)
+    path = Path(metadata_file)
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    metadata["eval_metrics"] = metrics
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return metrics
