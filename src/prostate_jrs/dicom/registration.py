@@ -363,7 +363,7 @@ def write_deformable_registration(
     item.ReferencedImageSequence = _image_references(planning_series)
     item.FrameOfReferenceTransformationComment = (
         f"rigid pre-alignment then DDF from {options.algorithm_name} {options.algorithm_version}"
-    )[:1024]
+    )[:64]  # LO: at most 64 characters
     item.RegistrationTypeCodeSequence = []
     item.PreDeformationMatrixRegistrationSequence = [_matrix_item(rigid)]
     item.PostDeformationMatrixRegistrationSequence = [_matrix_item(np.eye(4))]
