@@ -93,3 +93,42 @@ def test_module_entry_point_help() -> None:
     )
     for option in ("--patients", "--fractions", "--seed", "--spacing", "--preview"):
         assert option in result.stdout
+
+
+def test_synth_sites_writes_one_dataset_per_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "R"
+    argv = ["synth", str(out), "--sites", "2", "--patients", "1", "--fractions", "1", "--seed", "0", "--preset", "tiny"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["site-1", "site-2", "sites.json"]
+    for site in ("site-1", "site-2"):
+        assert (out / site / "datalist.json").is_file()
+    sizes = [sitk.ReadImage(str(out / s / "JRS001_planning_ct.nii.gz")).GetSize() for s in ("site-1", "site-2")]
+    assert sizes[1][0] < sizes[0][0]  # institute-b reconstructs a smaller field of view
+    printed = capsys.readouterr().out
+    assert "site-1=institute-a" in printed and "site-2=institute-b" in printed
+
+
+def test_synth_sites_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["synth", "OUT", "--patients", "1", "--fractions", "1", "--seed", "0", "--sites", "0"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_synth_dicom_writes_one_session_folder_per_fraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prostate_jrs.dicom.discovery import select_session
+
+    out = tmp_path / "D"
+    argv = ["synth", str(out), "--patients", "1", "--fractions", "2", "--seed", "2", "--preset", "tiny", "--dicom"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["JRS001_f01", "JRS001_f02", "sessions.json"]
+    assert (out / "datalist.json").is_file()
+    session = select_session(out / "dicom" / "JRS001_f02")
+    assert session.planning_ct.frame_of_reference_uid != session.daily_ct.frame_of_reference_uid
+    assert "dicom/sessions.json" in capsys.readouterr().out
+
+
+def test_synth_help_lists_dicom(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", "--help"])
+    assert "--dicom" in capsys.readouterr().out

@@ -3,19 +3,26 @@
 Subcommands:
 
 * ``synth OUT --patients N --fractions F --seed S [--spacing MM] [--preview]``: synthetic dataset
-  (NIfTI + ``datalist.json``), see :mod:`prostate_jrs.phantom`.
+  (NIfTI + ``datalist.json``), see :mod:`prostate_jrs.phantom`. With ``--sites K``: one dataset folder per
+  site, ``OUT/site-1`` ... ``OUT/site-K``, each from another hospital profile (:mod:`prostate_jrs.phantom.sites`),
+  the layout of ``federated/job.py --dataset-root OUT``.
 
 Each subcommand is a ``_add_<name>`` function that declares its arguments and a ``_run_<name>`` function
-that does the work; :func:`build_parser` registers them. Planned: ``synth --dicom`` (DICOM export, in
-:mod:`prostate_jrs.dicom`) and ``demo``.
+that does the work; :func:`build_parser` registers them. ``synth --dicom`` also writes ``OUT/dicom/<patient>_f<NN>/``
+(planning CT + planning RTSTRUCT + daily CT per session, :mod:`prostate_jrs.phantom.dicom_export`). Planned: ``demo``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prostate_jrs.phantom import PhantomConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -76,11 +83,47 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="clinical",
         help="clinical: 512x512, 90 slices of 3 mm (default); tiny: 4 mm voxels, a few seconds per patient",
     )
+    parser.add_argument(
+        "--sites",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help=(
+            "write OUT/site-1 ... OUT/site-K, one dataset per hospital, for federated learning: N patients each, "
+            "scanner and population profiles alternating institute-a / institute-b (HU offset, noise, sharpness, "
+            "field of view, body size, bladder filling)"
+        ),
+    )
     parser.add_argument("--preview", action="store_true", help="also write <patient>_preview.png")
-    # DICOM export goes here: `--dicom` writes OUT/dicom/<patient>_<fraction>/ (planning CT series, planning
-    # RTSTRUCT, daily CT series) with the writers of prostate_jrs.dicom; see DESIGN.md "Command-line contract".
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help=(
+            "also write OUT/dicom/<patient>_f<NN>/ per session: planning CT series, planning RTSTRUCT and daily CT "
+            "series (own study and frame of reference), ready for `python app -i`; OUT/dicom/sessions.json links "
+            "each session to its ground truth in the NIfTI dataset"
+        ),
+    )
     parser.set_defaults(run=_run_synth)
     return parser
+
+
+def _run_synth_sites(args: argparse.Namespace, config: PhantomConfig) -> int:
+    """``synth --sites K``: one dataset per site under OUT (federated learning layout)."""
+    from prostate_jrs.phantom.sites import INSTITUTES, write_multisite_dataset
+
+    if getattr(args, "dicom", False):
+        raise ValueError("--dicom is not available with --sites yet; write the sites without it")
+    names = ", ".join(f"site-{k + 1}={INSTITUTES[k % len(INSTITUTES)].name}" for k in range(args.sites))
+    print(f"synth: {args.sites} sites ({names}) x {args.patients} patients x {args.fractions} fractions -> {args.out}")
+    start = time.perf_counter()
+    datalists = write_multisite_dataset(
+        args.out, args.sites, args.patients, args.fractions, args.seed, config=config, preview=args.preview,
+        progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.1f} s)", flush=True),
+    )  # fmt: skip
+    for datalist in datalists:
+        print(f"wrote {datalist}")
+    return 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -91,6 +134,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         if len(args.spacing) not in (1, 3):
             raise ValueError(f"--spacing takes one or three values, got {len(args.spacing)}")
         config = config.with_spacing(args.spacing)
+    if args.sites is not None:
+        return _run_synth_sites(args, config)
     size = "x".join(str(n) for n in config.size)
     spacing = " x ".join(f"{s:g}" for s in config.spacing)
     print(f"synth: {args.patients} patients x {args.fractions} fractions, grid {size} of {spacing} mm -> {args.out}")
@@ -99,7 +144,19 @@ def _run_synth(args: argparse.Namespace) -> int:
         args.out, args.patients, args.fractions, args.seed, config=config, preview=args.preview,
         progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.1f} s)", flush=True),
     )  # fmt: skip
-    # The --dicom export (prostate_jrs.dicom) hooks in here, after the NIfTI dataset exists.
+    if args.dicom:
+        from prostate_jrs.phantom.dicom_export import export_dicom_sessions
+
+        try:
+            sessions = export_dicom_sessions(
+                datalist.parent,
+                progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.1f} s)", flush=True),
+            )
+        except BaseException:
+            # the command's output appears complete or not at all: without its DICOM part, drop the dataset too
+            shutil.rmtree(datalist.parent, ignore_errors=True)
+            raise
+        print(f"wrote {sessions}")
     print(f"wrote {datalist}")
     return 0
 
