@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]" torch==2.13.0
 	touch $(STAMP)
 
+# a synthetic DICOM session (made once, then reused) through the app with the shipped weights, scored against truth
 demo: $(STAMP)
-	$(VENV)/bin/prostate-jrs demo --out $(DEMO_OUT)
+	rm -rf $(DEMO_OUT)/app
+	$(PY) app/demo.py --data $(DEMO_OUT)/data --out $(DEMO_OUT)/app -m bundle
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,173 @@
+"""The prostate-jrs MONAI Deploy application: planning CT + RTSTRUCT + daily CT in, daily contours out.
+
+Graph (input and output stages are separate operators; each is a thin wrapper over :mod:`prostate_jrs`)::
+
+    SessionLoader --session--> JRSInference --result/settings--> RTStructWriter ----\\
+          |                                                     SegWriter ---------+--> Publish
+          +------------------- session ----------------------> RegistrationWriter -+
+                                                                QAWriter ----------/
+
+Writers stage their files in a hidden folder inside the output folder; Publish moves them into place once all are
+written (``qa.json`` last), so the output folder holds complete results or none. :func:`main` removes the staging
+folder when a run fails and turns the errors a user can act on into a one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application
+from operators import (
+    JRSInferenceOperator,
+    PublishOperator,
+    QAWriterOperator,
+    RegistrationWriterOperator,
+    RTStructWriterOperator,
+    SegWriterOperator,
+    SessionLoaderOperator,
+)
+
+from prostate_jrs.dicom.ct_reader import CTSeriesError
+from prostate_jrs.dicom.discovery import DicomSelectionError
+from prostate_jrs.dicom.rtstruct_reader import RTStructError
+from prostate_jrs.dicom_session import discard
+from prostate_jrs.pipeline import BundleError, PipelineError
+
+__all__ = ["ProstateJRSApp", "main", "resolve_bundle"]
+
+_REPO_BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
+_USER_ERRORS = (DicomSelectionError, CTSeriesError, RTStructError, PipelineError, BundleError, FileNotFoundError)
+
+
+def _model_argument(argv: Sequence[str]) -> str | None:
+    """The value of ``-m``/``--model`` in ``argv``, if given."""
+    for n, arg in enumerate(argv[1:], start=1):
+        if arg in ("-m", "--model") and n + 1 < len(argv):
+            return argv[n + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolve_bundle(argv: Sequence[str]) -> Path:
+    """The bundle folder: ``-m`` if given, else ``$HOLOSCAN_MODEL_PATH`` (inside a MAP), else the repo's ``bundle/``.
+
+    The path may be the bundle folder, a folder holding exactly one bundle (how a MAP's ``/opt/holoscan/models``
+    holds the folder given to ``monai-deploy package -m``), or the bundle's ``models/model.pt``.
+
+    Raises:
+        BundleError: if no bundle (a folder with ``configs/inference.json``) is found there, or it has no
+            ``models/model.pt``.
+    """
+    given = _model_argument(argv) or os.environ.get("HOLOSCAN_MODEL_PATH")
+    path = Path(given).resolve() if given else _REPO_BUNDLE
+    if path.is_file() and path.parent.name == "models":
+        path = path.parent.parent
+    if not (path / "configs" / "inference.json").is_file() and path.is_dir():
+        bundles = [p for p in sorted(path.iterdir()) if (p / "configs" / "inference.json").is_file()]
+        path = bundles[0] if len(bundles) == 1 else path
+    if (path / "configs" / "inference.json").is_file():
+        if not (path / "models" / "model.pt").is_file():  # fail before reading any DICOM
+            raise BundleError(
+                f"{path / 'models' / 'model.pt'}: no model weights in the bundle; train the bundle or copy a model.pt "
+                "there"
+            )
+        return path
+    raise BundleError(
+        f"{path}: not a MONAI bundle; expected a folder with configs/inference.json and models/model.pt "
+        "(pass it with -m BUNDLE)"
+    )
+
+
+class ProstateJRSApp(Application):
+    """Joint registration and segmentation of a daily prostate CT from the planning CT and RTSTRUCT.
+
+    Inputs (``-i``): a folder with the planning CT series, the planning RTSTRUCT and the daily CT series.
+    Outputs (``-o``): ``rtstruct.dcm``, ``seg.dcm``, ``registration.dcm``, ``qa.json``, ``qa.png``.
+    Model (``-m``): the bundle folder (default: the repository's ``bundle/``).
+    """
+
+    name = "prostate-jrs"
+    description = "Joint registration and segmentation for prostate adaptive radiotherapy (research use only)"
+    version = "0.1.0"
+
+    def __init__(self, argv: Sequence[str] | None = None, *args: object, **kwargs: object) -> None:
+        # Holoscan strips the program name from self.argv, but init_app_context parses argv[1:]
+        # (shared/docs/STACK.md section 3): keep the full command line for it
+        self.cli_argv = list(sys.argv if argv is None else argv)
+        self.staging: Path | None = None
+        self.output_folder: Path | None = None
+        super().__init__(self.cli_argv, *args, **kwargs)
+
+    def compose(self) -> None:
+        """Build the operator graph."""
+        context = Application.init_app_context(self.cli_argv)
+        bundle = resolve_bundle(self.cli_argv)
+        input_folder = Path(context.input_path)
+        self.output_folder = Path(context.output_path)
+        self.staging = self.output_folder / f".prostate-jrs.partial-{uuid.uuid4().hex[:12]}"
+        logging.info(f"input {input_folder}, output {self.output_folder}, bundle {bundle}")
+
+        loader = SessionLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="session_loader")
+        inference = JRSInferenceOperator(self, bundle_path=bundle, name="jrs_inference")
+        writers = {
+            "rtstruct": RTStructWriterOperator(self, staging=self.staging, name="rtstruct_writer"),
+            "seg": SegWriterOperator(self, staging=self.staging, name="seg_writer"),
+            "registration": RegistrationWriterOperator(self, staging=self.staging, name="registration_writer"),
+            "qa": QAWriterOperator(self, staging=self.staging, bundle_path=bundle, name="qa_writer"),
+        }
+        publisher = PublishOperator(self, staging=self.staging, output_folder=self.output_folder, name="publisher")
+        self.add_flow(loader, inference, {("session", "session")})
+        self.add_flow(inference, publisher, {("result", "result")})
+        for port, writer in writers.items():
+            self.add_flow(loader, writer, {("session", "session")})
+            self.add_flow(inference, writer, {("result", "result"), ("settings", "settings")})
+            self.add_flow(writer, publisher, {("paths", port)})
+
+
+def _output_argument(argv: Sequence[str]) -> Path | None:
+    for n, arg in enumerate(argv[1:], start=1):
+        if arg in ("-o", "--output") and n + 1 < len(argv):
+            return Path(argv[n + 1]).absolute()
+        if arg.startswith("--output="):
+            return Path(arg.split("=", 1)[1]).absolute()
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the app; returns the exit status (0 success, 1 an error the user can act on).
+
+    Args:
+        argv: the command line, program name first (``sys.argv``).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    output = _output_argument(argv) or Path(os.environ.get("HOLOSCAN_OUTPUT_PATH", "output")).absolute()
+    existed = output.exists()
+    start = time.perf_counter()
+    app = ProstateJRSApp(argv)
+    try:
+        app.run()
+    except _USER_ERRORS as err:
+        _clean(output, existed)
+        print(f"prostate-jrs: error: {err}", file=sys.stderr, flush=True)
+        print("prostate-jrs: no output written", file=sys.stderr, flush=True)
+        return 1
+    except BaseException:
+        _clean(output, existed)
+        raise
+    print(f"prostate-jrs: done in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+def _clean(output: Path, existed: bool) -> None:
+    """Remove staging folders and, if this run created it and it is empty, the output folder."""
+    discard(output)
+    if not existed and output.is_dir() and not any(output.iterdir()):
+        output.rmdir()

@@ -1,0 +1,300 @@
+"""DICOM in and out around :func:`prostate_jrs.pipeline.run_pipeline`: what the MONAI Deploy app's operators call.
+
+In: :func:`load_session` selects planning CT, planning RTSTRUCT and daily CT in a folder
+(:func:`prostate_jrs.dicom.discovery.select_session`: never two patients), reads both CT series and rasterises the
+planning contours on the planning CT (only in its frame of reference).
+
+Out: one writer per object, each writing into a staging folder: RTSTRUCT and SEG on the daily CT series
+(:func:`write_contours`, :func:`write_segmentation`), the Deformable Spatial Registration with the rigid part as
+pre-deformation matrix and the DDF as grid (:func:`write_registration`), ``qa.json`` and ``qa.png``
+(:func:`write_qa`). :func:`publish` then moves the files into the output folder, ``qa.json`` last; a failure before
+that leaves nothing in the output folder but the hidden staging folder, which :func:`discard` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from prostate_jrs.dicom.common import package_version
+from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
+from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
+from prostate_jrs.dicom.registration import RegistrationOptions, write_deformable_registration
+from prostate_jrs.dicom.rtstruct_reader import RTStructContents, read_rtstruct
+from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
+from prostate_jrs.dicom.seg_writer import SegOptions, write_seg
+from prostate_jrs.labels import STRUCTURES, SynonymTable
+from prostate_jrs.pipeline import PipelineResult, PipelineSettings
+from prostate_jrs.qa import write_qa_png
+
+__all__ = [
+    "OUTPUT_FILES",
+    "SessionInputs",
+    "discard",
+    "load_session",
+    "new_staging",
+    "publish",
+    "summary_lines",
+    "write_contours",
+    "write_qa",
+    "write_registration",
+    "write_segmentation",
+]
+
+#: Output file of each object, in the order :func:`publish` moves them (``qa.json`` last: it marks completion).
+OUTPUT_FILES: dict[str, str] = {
+    "rtstruct": "rtstruct.dcm",
+    "seg": "seg.dcm",
+    "registration": "registration.dcm",
+    "qa_png": "qa.png",
+    "qa_json": "qa.json",
+}
+
+_STAGING_PREFIX = ".prostate-jrs.partial-"
+_DDF_GRID_MM = 4.0  # in-plane spacing of the stored deformation grid: ~18 MB instead of ~280 MB at 512 x 512
+
+
+@dataclass
+class SessionInputs:
+    """The inputs of one adaptive fraction, read from DICOM.
+
+    Args:
+        session: what the selection chose (and its notes).
+        planning: the planning CT series.
+        daily: the daily CT series.
+        contours: the planning RTSTRUCT rasterised on the planning CT.
+        planning_labels: label map 0..4 on the planning CT grid, with the planning frame of reference and patient as
+            meta-data.
+        notes: selection and reading notes for the log and the QA report.
+        timings: seconds spent selecting and reading (``load``).
+    """
+
+    session: AdaptiveSession
+    planning: CTVolume
+    daily: CTVolume
+    contours: RTStructContents
+    planning_labels: sitk.Image
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_session(
+    folder: str | os.PathLike[str],
+    *,
+    synonyms: SynonymTable | None = None,
+    daily_series_uid: str | None = None,
+    rtstruct_sop_uid: str | None = None,
+) -> SessionInputs:
+    """Select and read planning CT, planning contours and daily CT from a DICOM folder.
+
+    Args:
+        folder: the input folder (searched recursively).
+        synonyms: ROI name -> structure table; ``None`` for the default.
+        daily_series_uid: Series Instance UID of the daily CT; ``None`` for the latest other CT of the patient.
+        rtstruct_sop_uid: SOP Instance UID of the planning RTSTRUCT; ``None`` for the only or latest one.
+
+    Returns:
+        The session's volumes and contours.
+
+    Raises:
+        FileNotFoundError: if ``folder`` is not a folder.
+        DicomSelectionError, CTSeriesError, RTStructError: if something is missing, ambiguous, of different
+            patients, or does not fit (the message names the file or UID).
+    """
+    start = time.perf_counter()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: input folder not found; expected a folder of DICOM files")
+    session = select_session(folder, daily_series_uid=daily_series_uid, rtstruct_sop_uid=rtstruct_sop_uid)
+    planning = read_ct_series(session.planning_ct.files)
+    daily = read_ct_series(session.daily_ct.files)
+    contours = read_rtstruct(session.planning_rtstruct.path, planning, synonyms)
+    labels = contours.label_image()
+    for keyword in ("FrameOfReferenceUID", "PatientID"):
+        labels.SetMetaData(METADATA_KEYS[keyword], planning.image.GetMetaData(METADATA_KEYS[keyword]))
+    notes = [*session.notes, *planning.notes, *daily.notes, *contours.notes]
+    if contours.unmapped_rois:
+        notes.append(f"ROIs not used (no structure): {', '.join(contours.unmapped_rois)}")
+    if contours.missing_structures:
+        notes.append(f"structures missing from the planning RTSTRUCT: {', '.join(contours.missing_structures)}")
+    timings = {"load": round(time.perf_counter() - start, 3)}
+    return SessionInputs(session, planning, daily, contours, labels, notes, timings)
+
+
+def new_staging(out_dir: str | os.PathLike[str]) -> Path:
+    """A new hidden staging folder inside ``out_dir`` (created, with ``out_dir``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    return staging
+
+
+def _algorithm(settings: PipelineSettings) -> str:
+    return f"prostate-jrs {settings.network_name}"
+
+
+def write_contours(result: PipelineResult, inputs: SessionInputs, settings: PipelineSettings, staging: Path) -> Path:
+    """RTSTRUCT of the final contours on the daily CT series (keyhole holes: plastimatch reads them back exactly).
+
+    Raises:
+        ValueError: if the contours do not lie on the daily series' grid.
+    """
+    sources = ", ".join(f"{name} {path}" for name, path in result.contour_source.items())
+    options = RTStructOptions(
+        generation="AUTOMATIC",
+        algorithm_name=_algorithm(settings),
+        algorithm_version=package_version(),
+        structure_set_label="JRS",
+        structure_set_name="prostate-jrs daily contours",
+        series_description=f"prostate-jrs contours ({sources})"[:64],
+        holes="keyhole",
+    )
+    return write_rtstruct(result.labels, inputs.daily.datasets, staging / OUTPUT_FILES["rtstruct"], options=options)
+
+
+def write_segmentation(
+    result: PipelineResult, inputs: SessionInputs, settings: PipelineSettings, staging: Path
+) -> Path:
+    """DICOM SEG (BINARY) of the final contours on the daily CT series."""
+    options = SegOptions(algorithm_name=_algorithm(settings), algorithm_version=package_version())
+    return write_seg(result.labels, inputs.daily.datasets, staging / OUTPUT_FILES["seg"], options=options)
+
+
+def write_registration(
+    result: PipelineResult, inputs: SessionInputs, settings: PipelineSettings, staging: Path
+) -> Path:
+    """Deformable Spatial Registration: rigid part as pre-deformation matrix, DDF as grid (every ~4 mm in-plane)."""
+    spacing = inputs.daily.image.GetSpacing()
+    step = (*(max(1, round(_DDF_GRID_MM / s)) for s in spacing[:2]), 1)
+    options = RegistrationOptions(algorithm_name=_algorithm(settings), algorithm_version=package_version())
+    return write_deformable_registration(
+        result.ddf,
+        inputs.daily.image,
+        inputs.daily.datasets,
+        inputs.planning.datasets,
+        staging / OUTPUT_FILES["registration"],
+        daily_to_planning=result.rigid.daily_to_planning,
+        grid_step=step,  # type: ignore[arg-type]
+        options=options,
+    )
+
+
+def qa_document(
+    result: PipelineResult,
+    inputs: SessionInputs,
+    settings: PipelineSettings,
+    extra_timings: Mapping[str, float] | None = None,
+    bundle: str | None = None,
+) -> dict[str, Any]:
+    """The content of ``qa.json``: the pipeline's QA plus the session, settings and timings."""
+    session = inputs.session
+    document = {
+        "intended_use": "Research only; not a medical device. Every contour must be reviewed by a qualified clinician.",
+        "software": {"name": "prostate-jrs", "version": package_version(), "bundle": bundle},
+        "session": {
+            "patient_id": session.patient_id,
+            "planning_ct_series_uid": session.planning_ct.series_instance_uid,
+            "planning_rtstruct_sop_uid": session.planning_rtstruct.sop_instance_uid,
+            "daily_ct_series_uid": session.daily_ct.series_instance_uid,
+            "daily_frame_of_reference_uid": inputs.daily.frame_of_reference_uid,
+            "planning_frame_of_reference_uid": inputs.planning.frame_of_reference_uid,
+            "roi_to_structure": inputs.contours.roi_to_structure,
+            "notes": inputs.notes,
+        },
+        "settings": {
+            "network_name": settings.network_name,
+            "model_spacing_mm": settings.model_spacing,
+            "crop_margin_mm": settings.crop_margin_mm,
+            "hu_range": [settings.hu_min, settings.hu_max],
+            "contour_source": result.contour_source,
+            "model_grid_size": list(result.model_grid.GetSize()),
+        },
+        **result.qa,
+    }
+    document["timings_s"] = {**inputs.timings, **result.qa.get("timings_s", {}), **dict(extra_timings or {})}
+    return document
+
+
+def write_qa(
+    result: PipelineResult,
+    inputs: SessionInputs,
+    settings: PipelineSettings,
+    staging: Path,
+    extra_timings: Mapping[str, float] | None = None,
+    bundle: str | None = None,
+) -> list[Path]:
+    """``qa.json`` (:func:`qa_document`) and ``qa.png`` (both paths on daily slices)."""
+    png = write_qa_png(
+        inputs.daily.image,
+        result.reg,
+        result.seg,
+        staging / OUTPUT_FILES["qa_png"],
+        title=f"patient {inputs.session.patient_id}: registration path (solid) vs segmentation path (dashed)",
+    )
+    document = qa_document(result, inputs, settings, extra_timings, bundle)
+    path = staging / OUTPUT_FILES["qa_json"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return [png, path]
+
+
+def publish(
+    staging: Path, out_dir: str | os.PathLike[str], names: Sequence[str] = tuple(OUTPUT_FILES.values())
+) -> list[Path]:
+    """Move the staged files into ``out_dir`` (``qa.json`` last) and remove the staging folder.
+
+    Raises:
+        FileNotFoundError: if a staged file is missing (nothing is moved then).
+    """
+    out = Path(out_dir)
+    missing = [name for name in names if not (staging / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{staging}: staged output incomplete, missing {', '.join(missing)}; nothing published")
+    ordered = sorted(names, key=lambda name: name == OUTPUT_FILES["qa_json"])
+    moved = []
+    for name in ordered:
+        # rename within one file system is atomic: a reader sees the old file or the new one, never a partial one
+        os.replace(staging / name, out / name)
+        moved.append(out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return moved
+
+
+def discard(out_dir: str | os.PathLike[str]) -> None:
+    """Remove staging folders left in ``out_dir`` by a failed run."""
+    out = Path(out_dir)
+    if out.is_dir():
+        for staging in out.glob(f"{_STAGING_PREFIX}*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def summary_lines(result: PipelineResult) -> list[str]:
+    """One line per structure (path used, volume and change against planning, agreement of the two paths)."""
+    lines = []
+    for structure in STRUCTURES:
+        row = result.qa["structures"][structure.name]
+        dsc = row["dsc_reg_seg"]
+        change = row["volume_change_pct"]
+        lines.append(
+            f"{structure.display_name:<16} from {row['source']}: {row['volume_ml'] or 0:7.1f} ml "
+            f"({'n/a' if change is None else f'{change:+.1f}%'} vs planning), "
+            f"reg/seg DSC {'n/a' if dsc is None else f'{dsc:.3f}'}"
+        )
+    rigid = result.qa["rigid"]
+    lines.append(
+        f"rigid pre-alignment: {rigid['translation_mm']} mm, {rigid['rotation_deg']} deg, bone RMS "
+        f"{rigid['bone_rms_mm']} mm; DDF folding {result.qa['ddf']['folding_fraction']}"
+    )
+    lines += [f"QA flag: {flag}" for flag in result.qa["flags"]]
+    return lines

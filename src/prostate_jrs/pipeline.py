@@ -1,0 +1,608 @@
+"""Plain-Python end to end: planning CT + planning contours + daily CT (volumes with geometry) -> daily contours.
+
+Stages of :func:`run_pipeline` (each timed):
+
+1. ``rigid``: rigid pre-alignment on bone (:func:`prostate_jrs.rigid.align_on_bone`), giving ``R``, the 4x4 map of
+   daily-frame points (LPS mm) to planning-frame points. Planning and daily CT usually come from different
+   sessions, frames of reference and couch positions, so their world coordinates do not correspond without it.
+2. ``preprocess``: the *model grid*: axes of the daily CT reoriented to RAS (as the bundle's ``Orientationd``),
+   isotropic ``model_spacing`` (``Spacingd``), cropped to the planning contours (mapped into the daily frame by
+   ``R^-1``) plus ``crop_margin_mm`` and to the daily CT's extent (``CropForegroundd(allow_smaller=True)``). The
+   daily CT, the planning CT and the planning label map (both through ``R``) are resampled onto it and the CTs
+   scaled from ``[hu_min, hu_max]`` to ``[-1, 1]``: the bundle's preprocessing, done crop-first so a 512 x 512 CT is
+   never resampled whole. Parameters come from the bundle (:func:`load_bundle`), so bundle and app agree.
+3. ``network``: :class:`~prostate_jrs.inferers.ValidPatchInferer` over the model grid -> ``pred`` (3 DDF + 5 logits).
+4. ``refine`` (optional): a caller-supplied step that may improve ``pred`` (e.g. test-time optimisation).
+5. ``restore``: :func:`prostate_jrs.evaluation.restore_to_daily_grid` with the planning contours placed in the daily
+   frame by ``R^-1``: DDF, registration path (original planning contours warped once), segmentation path and the
+   final contours per structure (``contour_source``) on the daily CT's own grid.
+6. ``qa``: :func:`prostate_jrs.qa.quality_report`.
+
+DDF of the result (the convention of the DSR writer, :mod:`prostate_jrs.dicom.registration`): ``(3, I, J, K)``
+float32 on the daily grid, in daily voxel units, relative to the *rigidly aligned* planning scan. The planning
+anatomy shown at daily voxel ``x`` lies at the planning-frame point ``R @ A_daily @ (x + ddf(x))`` (``A_daily``:
+the daily grid's index-to-world matrix); with ``R = I`` this is the DESIGN.md convention. Write it with
+``write_deformable_registration(ddf, daily, ..., daily_to_planning=R)``: the rigid part becomes the pre-deformation
+matrix, the DDF the grid.
+
+Safety rules checked here (no setting switches them off): the label map must lie on the planning CT's grid; where
+the images carry DICOM meta-data (as :func:`prostate_jrs.dicom.ct_reader.read_ct_series` sets it), planning CT,
+planning labels and daily CT must be of one patient and the labels in the planning CT's frame of reference; the
+planning contours must fall inside the daily CT after the rigid alignment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from prostate_jrs.dicom.ct_reader import METADATA_KEYS
+from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, restore_to_daily_grid
+from prostate_jrs.geometry import array_from_image, image_from_array, index_to_world, world_to_index
+from prostate_jrs.inferers import ValidPatchInferer
+from prostate_jrs.labels import NUM_CLASSES
+from prostate_jrs.qa import quality_report
+
+__all__ = [
+    "BundleError",
+    "PipelineError",
+    "PipelineResult",
+    "PipelineSettings",
+    "RefineStep",
+    "RigidAlignment",
+    "load_bundle",
+    "model_grid",
+    "run_pipeline",
+]
+
+RefineStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``refine(inputs, pred) -> pred``: inputs ``(1, 3, *S)`` and pred ``(1, 8, *S)`` on the model grid."""
+
+_GRID_TOLERANCE = 1e-3  # mm / direction cosine: the label map must lie on the planning CT grid
+_AIR_HU = -1000.0
+
+
+class PipelineError(ValueError):
+    """The inputs cannot be combined safely or do not fit; the message says what is wrong and what was expected."""
+
+
+class BundleError(ValueError):
+    """The bundle lacks a file the pipeline needs, or its weights do not fit its config; the message says which."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Settings of :func:`run_pipeline`; :func:`load_bundle` reads them from the bundle's ``configs/inference.json``.
+
+    Args:
+        network_name: the bundle's ``network_name`` (forces the contour path of single-task networks).
+        model_spacing: isotropic voxel size (mm) of the model grid.
+        hu_min: HU mapped to -1 (values below clipped).
+        hu_max: HU mapped to +1 (values above clipped).
+        crop_margin_mm: margin around the planning contours of the model grid.
+        patch_size: network input tile of the inferer.
+        output_size: network output for one tile; ``None`` for ``patch_size - 40``.
+        tile_batch_size: tiles per network call.
+        contour_source: structure -> ``"reg"`` or ``"seg"`` (missing: the project default).
+        device: torch device of the network.
+        rigid: run the rigid pre-alignment on bone; ``False`` only when both scans share a frame of reference and
+            couch position (then ``R = I``; the QA records that no alignment ran).
+        disagreement_dsc: QA flag when a structure's DSC between the two paths is below this.
+        folding_limit: QA flag when the fraction of folded DDF voxels (det J <= 0) is above this.
+        volume_change_limit_pct: QA flag when a structure's volume changes by more than this against planning.
+        residual_limit: QA flag when the rigid alignment's bone surface RMS residual (mm) is above this.
+        body_hu: HU above which a daily voxel counts as body for the DDF statistics.
+    """
+
+    network_name: str = "cross_stitch"
+    model_spacing: float = 1.0
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+    crop_margin_mm: float = 40.0
+    patch_size: int = 96
+    output_size: int | None = None
+    tile_batch_size: int = 2
+    contour_source: Mapping[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    rigid: bool = True
+    disagreement_dsc: float = 0.7
+    folding_limit: float = 0.001
+    volume_change_limit_pct: float = 50.0
+    residual_limit: float = 3.0
+    body_hu: float = -500.0
+
+    def __post_init__(self) -> None:
+        if self.model_spacing <= 0:
+            raise ValueError(f"model_spacing must be positive, got {self.model_spacing}")
+        if self.hu_max <= self.hu_min:
+            raise ValueError(f"hu_max ({self.hu_max}) must exceed hu_min ({self.hu_min})")
+        if self.crop_margin_mm < 0:
+            raise ValueError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
+        resolve_contour_source(self.network_name, self.contour_source)  # raises on unknown names or paths
+
+    @property
+    def resolved_contour_source(self) -> dict[str, str]:
+        """Per-structure contour path, forced to the one path of single-task networks."""
+        return resolve_contour_source(self.network_name, self.contour_source)
+
+
+@dataclass(frozen=True)
+class RigidAlignment:
+    """The rigid pre-alignment.
+
+    Args:
+        daily_to_planning: 4x4 map of daily-frame points (LPS mm) to planning-frame points.
+        residual: RMS distance (mm) of daily bone surface points, mapped by ``R``, to the planning bone surface;
+            ``None`` when not measured.
+        method: how it was obtained (``bone``: :func:`prostate_jrs.rigid.align_on_bone`; ``none``: identity).
+        bone_overlap: Dice of the daily bone mask and the aligned planning bone mask, if measured.
+    """
+
+    daily_to_planning: np.ndarray
+    residual: float | None = None
+    method: str = "bone"
+    bone_overlap: float | None = None
+
+    @property
+    def translation_mm(self) -> float:
+        """Length of the translation part (mm)."""
+        return float(np.linalg.norm(self.daily_to_planning[:3, 3]))
+
+    @property
+    def rotation_deg(self) -> float:
+        """Rotation angle of the linear part (degrees)."""
+        cosine = (np.trace(self.daily_to_planning[:3, :3]) - 1.0) / 2.0
+        return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` returns; every image lies on the daily CT's grid.
+
+    Attributes:
+        labels: final contours, uint8 label map (0..4).
+        reg: registration path (planning contours warped by the rigid part and the DDF), uint8.
+        seg: segmentation path (argmax of the logits; 0 outside the network's field of view), uint8.
+        ddf: float32 ``(3, I, J, K)`` in daily voxel units, relative to the rigidly aligned planning (module
+            docstring).
+        rigid: the rigid part ``R`` (daily -> planning) and its residual.
+        fov: boolean ``(I, J, K)``: daily voxels inside the model grid (what the network saw).
+        model_grid: geometry of the model grid (a uint8 image; only its geometry means anything).
+        contour_source: the per-structure path used for ``labels``.
+        qa: the QA report (:func:`prostate_jrs.qa.quality_report`).
+        timings: seconds per stage (``rigid``, ``preprocess``, ``network``, ``refine``, ``restore``, ``qa``,
+            ``total``).
+    """
+
+    labels: sitk.Image
+    reg: sitk.Image
+    seg: sitk.Image
+    ddf: np.ndarray
+    rigid: RigidAlignment
+    fov: np.ndarray
+    model_grid: sitk.Image
+    contour_source: dict[str, str]
+    qa: dict[str, Any]
+    timings: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------- bundle
+
+
+def load_bundle(
+    bundle_dir: str | Path,
+    device: str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, PipelineSettings]:
+    """Network with the bundle's weights and the pipeline settings from its ``configs/inference.json``.
+
+    Args:
+        bundle_dir: the bundle folder (``configs/inference.json``, ``models/model.pt``).
+        device: torch device for the network.
+        overrides: config values to override (e.g. ``{"tile_batch_size": 4}``), as ``monai.bundle`` would.
+
+    Returns:
+        ``(network, settings)``; the network is in eval mode on ``device``.
+
+    Raises:
+        BundleError: if ``configs/inference.json`` or ``models/model.pt`` is missing, or the weights do not fit the
+            configured network.
+    """
+    from monai.bundle import ConfigParser  # bundle parsing pulls in the config machinery; keep it off import
+
+    root = Path(bundle_dir)
+    config_file = root / "configs" / "inference.json"
+    weights = root / "models" / "model.pt"
+    if not config_file.is_file():
+        raise BundleError(f"{config_file}: not found; expected a MONAI bundle folder (configs/inference.json)")
+    if not weights.is_file():
+        raise BundleError(
+            f"{weights}: no model weights; train the bundle (bundle/configs/train.json) or copy a model.pt there"
+        )
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(root)
+    for key, value in dict(overrides or {}).items():
+        parser[key] = value
+
+    def value(key: str, default: Any) -> Any:
+        return parser.get_parsed_content(key) if key in parser else default
+
+    # tiling as the bundle's inferer does it (valid convolutions: any tile size works, the bundle picks one)
+    inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
+    patch_size = int(inferer.patch_size[0]) if isinstance(inferer, ValidPatchInferer) else 96
+    output_size = int(inferer.output_size[0]) if isinstance(inferer, ValidPatchInferer) else None
+    tiles = int(inferer.tile_batch_size) if isinstance(inferer, ValidPatchInferer) else 2
+    settings = PipelineSettings(
+        network_name=str(value("network_name", "cross_stitch")),
+        model_spacing=float(value("model_spacing", 1.0)),
+        hu_min=float(value("hu_min", -1000.0)),
+        hu_max=float(value("hu_max", 1000.0)),
+        crop_margin_mm=float(value("crop_margin_mm", 40.0)),
+        patch_size=patch_size,
+        output_size=output_size,
+        tile_batch_size=tiles,
+        contour_source=dict(value("contour_source", {}) or {}),
+        device=device,
+    )
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise BundleError(
+            f"{weights}: the weights do not fit network {settings.network_name!r} as configured in {config_file} "
+            f"(network_name / widths): {str(err).splitlines()[0]}"
+        ) from err
+    network.to(device).eval()
+    return network, settings
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _meta(image: sitk.Image, keyword: str) -> str:
+    key = METADATA_KEYS[keyword]
+    return image.GetMetaData(key).strip() if image.HasMetaDataKey(key) else ""
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=_GRID_TOLERANCE)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=_GRID_TOLERANCE)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=_GRID_TOLERANCE)
+    )
+
+
+def _check_inputs(planning_ct: sitk.Image, planning_labels: sitk.Image, daily_ct: sitk.Image) -> np.ndarray:
+    """Safety checks; returns the planning label array ``(I, J, K)`` uint8."""
+    for name, image in (("planning CT", planning_ct), ("planning labels", planning_labels), ("daily CT", daily_ct)):
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise PipelineError(f"the {name} must be a scalar 3-D image, got {image.GetDimension()}-D")
+    if not _same_grid(planning_ct, planning_labels):
+        raise PipelineError(
+            "the planning label map is not on the planning CT's grid (size, spacing, origin, direction: "
+            f"{planning_labels.GetSize()} vs {planning_ct.GetSize()}, {planning_labels.GetOrigin()} vs "
+            f"{planning_ct.GetOrigin()}); contours are only used on the CT they were drawn on"
+        )
+    patients = {
+        name: _meta(image, "PatientID")
+        for name, image in (("planning CT", planning_ct), ("planning labels", planning_labels), ("daily CT", daily_ct))
+    }
+    known = {name: pid for name, pid in patients.items() if pid}
+    if len(set(known.values())) > 1:
+        raise PipelineError(
+            "the inputs belong to different patients ("
+            + ", ".join(f"{name}: PatientID {pid!r}" for name, pid in known.items())
+            + "); series of different patients are never combined"
+        )
+    frame_ct, frame_labels = _meta(planning_ct, "FrameOfReferenceUID"), _meta(planning_labels, "FrameOfReferenceUID")
+    if frame_ct and frame_labels and frame_ct != frame_labels:
+        raise PipelineError(
+            f"the planning labels are in frame of reference {frame_labels}, the planning CT in {frame_ct}; contours "
+            "are only used in their own frame of reference"
+        )
+    labels = array_from_image(planning_labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        rounded = np.rint(labels)
+        if not np.array_equal(rounded, labels):
+            raise PipelineError("the planning label map has non-integer values; expected labels 0..4")
+        labels = rounded
+    values = np.unique(labels)
+    bad = [int(v) for v in values if not 0 <= v < NUM_CLASSES]
+    if bad:
+        raise PipelineError(
+            f"the planning label map has values {bad[:5]}; expected 0 background, 1 prostate, 2 seminal_vesicles, "
+            "3 rectum, 4 bladder"
+        )
+    if values.max(initial=0) == 0:
+        raise PipelineError("the planning label map is empty: no planning contour to propagate")
+    return labels.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------- rigid
+
+
+def _align(daily_ct: sitk.Image, planning_ct: sitk.Image) -> RigidAlignment:
+    """Rigid alignment on bone (:func:`prostate_jrs.rigid.align_on_bone`: daily = fixed, planning = moving)."""
+    from prostate_jrs.rigid import NoBoneError, align_on_bone
+
+    try:
+        result = align_on_bone(daily_ct, planning_ct)
+    except NoBoneError as err:
+        raise PipelineError(f"rigid pre-alignment on bone failed: {err}") from err
+    return RigidAlignment(
+        daily_to_planning=np.asarray(result.matrix, dtype=np.float64),
+        residual=float(result.bone_rms_mm),
+        method="bone",
+        bone_overlap=float(result.bone_overlap),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- model grid
+
+
+def _ras_direction(daily: sitk.Image) -> np.ndarray:
+    """Daily direction cosines with axes permuted and flipped to point R, A, S (LPS world), as ``Orientationd``."""
+    direction = np.asarray(daily.GetDirection(), dtype=np.float64).reshape(3, 3)
+    targets = np.diag([-1.0, -1.0, 1.0])  # R, A, S in LPS coordinates
+    columns, used = [], set()
+    for t in range(3):
+        dots = targets[:, t] @ direction
+        order = [a for a in np.argsort(-np.abs(dots)) if a not in used]
+        axis = int(order[0])
+        used.add(axis)
+        columns.append(direction[:, axis] * np.sign(dots[axis] or 1.0))
+    return np.stack(columns, axis=1)
+
+
+def _box_corners(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """World points (N, 3) of the corners of the index box ``[lo, hi]`` of ``image``."""
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    return (index_to_world(image) @ corners.T).T[:, :3]
+
+
+def model_grid(
+    daily_ct: sitk.Image,
+    planning_labels: np.ndarray,
+    planning_grid: sitk.Image,
+    daily_to_planning: np.ndarray,
+    spacing: float,
+    margin_mm: float,
+) -> sitk.Image:
+    """The network's grid in the daily frame: RAS axes, isotropic ``spacing``, around the planning contours.
+
+    Args:
+        daily_ct: the daily CT.
+        planning_labels: planning label map ``(I, J, K)`` on ``planning_grid``.
+        planning_grid: the planning CT (its geometry).
+        daily_to_planning: ``R``.
+        spacing: model voxel size (mm).
+        margin_mm: margin around the contours' bounding box.
+
+    Returns:
+        A uint8 image with the grid's geometry, inside the daily CT's extent.
+
+    Raises:
+        PipelineError: if the planning contours do not overlap the daily CT after the rigid alignment.
+    """
+    direction = _ras_direction(daily_ct)
+    labelled = np.argwhere(planning_labels > 0)
+    lo, hi = labelled.min(axis=0) - 0.5, labelled.max(axis=0) + 0.5
+    planning_to_daily = np.linalg.inv(daily_to_planning)
+    corners = _box_corners(planning_grid, lo, hi)
+    corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
+    contour_lo = (corners @ direction).min(axis=0) - margin_mm
+    contour_hi = (corners @ direction).max(axis=0) + margin_mm
+    size = np.asarray(daily_ct.GetSize(), dtype=np.float64)
+    daily_corners = _box_corners(daily_ct, np.zeros(3), size - 1) @ direction
+    daily_lo, daily_hi = daily_corners.min(axis=0), daily_corners.max(axis=0)
+    box_lo, box_hi = np.maximum(contour_lo, daily_lo), np.minimum(contour_hi, daily_hi)
+    if np.any(box_hi - box_lo < spacing):
+        raise PipelineError(
+            "after the rigid alignment the planning contours lie outside the daily CT (contours span "
+            f"{np.round(contour_lo + margin_mm, 1).tolist()} to {np.round(contour_hi - margin_mm, 1).tolist()} mm, "
+            f"daily CT {np.round(daily_lo, 1).tolist()} to {np.round(daily_hi, 1).tolist()} mm along R, A, S); "
+            "check that both scans are of the same patient and the daily scan covers the pelvis"
+        )
+    shape = [int(n) for n in np.floor((box_hi - box_lo) / spacing).astype(int) + 1]
+    grid = sitk.Image(shape, sitk.sitkUInt8)
+    grid.SetSpacing([float(spacing)] * 3)
+    grid.SetDirection(direction.ravel().tolist())
+    grid.SetOrigin((direction @ box_lo).tolist())
+    return grid
+
+
+def _daily_box(grid: sitk.Image, daily_ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Index box ``[lo, hi)`` of the daily voxels around the model grid (one voxel of margin), inside the daily CT."""
+    size = np.asarray(grid.GetSize(), dtype=np.float64)
+    corners = _box_corners(grid, np.full(3, -0.5), size - 0.5)
+    index = (world_to_index(daily_ct) @ np.c_[corners, np.ones(len(corners))].T).T[:, :3]
+    lo = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 2, np.asarray(daily_ct.GetSize()))
+    return lo, hi
+
+
+def _restore(
+    pred: np.ndarray,
+    grid: sitk.Image,
+    daily_ct: sitk.Image,
+    labels: np.ndarray,
+    planning_affine: np.ndarray,
+    contour_source: Mapping[str, str],
+) -> DailyGridResult:
+    """:func:`restore_to_daily_grid`, computed only in the daily voxels around the model grid.
+
+    A 512 x 512 daily CT has ~10x more voxels than the box the network saw; resampling them all cost most of the
+    run time. Outside the box the DDF is continued with its edge values (as ``ddf_to_grid`` continues it outside the
+    model grid) and both contour paths are empty: the box holds the planning contours plus ``crop_margin_mm``, so a
+    contour could only reach beyond it with a displacement larger than the margin.
+    """
+    lo, hi = _daily_box(grid, daily_ct)
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    box = restore_to_daily_grid(
+        pred,
+        index_to_world(grid),
+        index_to_world(daily_ct) @ shift,
+        tuple(hi - lo),
+        labels,
+        planning_affine,
+        contour_source,
+    )
+    size = np.asarray(daily_ct.GetSize())
+    pad = [(int(a), int(n - b)) for a, b, n in zip(lo, hi, size, strict=True)]
+    return DailyGridResult(
+        ddf=np.pad(box.ddf, [(0, 0), *pad], mode="edge"),
+        reg=np.pad(box.reg, pad),
+        seg=np.pad(box.seg, pad),
+        labels=np.pad(box.labels, pad),
+        affine=index_to_world(daily_ct),
+        fov=np.pad(box.fov, pad),
+    )
+
+
+def _affine_transform(daily_to_planning: np.ndarray) -> sitk.AffineTransform:
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(daily_to_planning[:3, :3].ravel().tolist())
+    transform.SetTranslation(daily_to_planning[:3, 3].tolist())
+    return transform
+
+
+def _scale(hu: np.ndarray, settings: PipelineSettings) -> np.ndarray:
+    scaled = (hu - settings.hu_min) / (settings.hu_max - settings.hu_min) * 2.0 - 1.0
+    return np.clip(scaled, -1.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+
+
+def run_pipeline(
+    planning_ct: sitk.Image,
+    planning_labels: sitk.Image,
+    daily_ct: sitk.Image,
+    network: nn.Module,
+    settings: PipelineSettings,
+    refine: RefineStep | None = None,
+    *,
+    rigid: RigidAlignment | None = None,
+) -> PipelineResult:
+    """Propagate the planning contours to the daily CT and segment it; results on the daily grid.
+
+    Args:
+        planning_ct: planning CT in HU (LPS geometry).
+        planning_labels: planning label map (0..4) on the planning CT's grid.
+        daily_ct: daily CT in HU.
+        network: maps ``(n, 3, P, P, P)`` to ``(n, 8, P - 40, ...)`` (``pred`` = 3 DDF + 5 logits).
+        settings: preprocessing, inference and QA settings (:func:`load_bundle`).
+        refine: optional step ``refine(inputs, pred) -> pred`` on the model grid, run after the network.
+        rigid: a rigid pre-alignment to use instead of computing one (e.g. one a user approved).
+
+    Returns:
+        Contours, both paths, the DDF, the rigid part, QA and timings (see :class:`PipelineResult`).
+
+    Raises:
+        PipelineError: if the inputs break a safety rule or the contours do not fit the daily CT.
+    """
+    timings: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    labels = _check_inputs(planning_ct, planning_labels, daily_ct)
+    if rigid is None:
+        rigid = _align(daily_ct, planning_ct) if settings.rigid else RigidAlignment(np.eye(4), None, "none")
+    lap("rigid")
+
+    grid = model_grid(
+        daily_ct, labels, planning_ct, rigid.daily_to_planning, settings.model_spacing, settings.crop_margin_mm
+    )
+    to_planning = _affine_transform(rigid.daily_to_planning)
+    daily_model = sitk.Resample(daily_ct, grid, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+    planning_model = sitk.Resample(planning_ct, grid, to_planning, sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+    labels_model = sitk.Resample(planning_labels, grid, to_planning, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    daily_array = array_from_image(daily_model)
+    inputs = np.stack(
+        [
+            _scale(daily_array, settings),
+            _scale(array_from_image(planning_model), settings),
+            array_from_image(labels_model).astype(np.float32),
+        ]
+    )
+    if not inputs[2].any():
+        raise PipelineError(
+            "after the rigid alignment no planning contour falls on the daily CT; check that both scans are of the "
+            "same patient and the daily scan covers the pelvis"
+        )
+    lap("preprocess")
+
+    device = torch.device(settings.device)
+    inferer = ValidPatchInferer(
+        patch_size=settings.patch_size,
+        output_size=settings.output_size,
+        tile_batch_size=settings.tile_batch_size,
+        sw_device=device,
+        device="cpu",
+    )
+    network.eval()
+    inputs_tensor = torch.from_numpy(inputs)[None]
+    with torch.inference_mode():
+        pred = inferer(inputs_tensor.to(device), network)
+    lap("network")
+    if refine is not None:
+        pred = refine(inputs_tensor.clone(), pred.clone())
+        if tuple(pred.shape) != (1, 3 + NUM_CLASSES, *inputs.shape[1:]):
+            raise ValueError(f"refine returned pred of shape {tuple(pred.shape)}; expected that of its input")
+    lap("refine")
+
+    contour_source = settings.resolved_contour_source
+    planning_affine = np.linalg.inv(rigid.daily_to_planning) @ index_to_world(planning_labels)
+    restored = _restore(pred[0].detach().cpu().numpy(), grid, daily_ct, labels, planning_affine, contour_source)
+    reference = sitk.Image(daily_ct.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(daily_ct)
+    lap("restore")
+
+    model_ddf = pred[0, :3].detach().cpu().numpy()
+    body = daily_array > settings.body_hu
+    qa = quality_report(
+        reg=restored.reg,
+        seg=restored.seg,
+        final=restored.labels,
+        daily_grid=daily_ct,
+        planning_labels=labels,
+        planning_grid=planning_ct,
+        model_ddf=model_ddf,
+        body_mask=body,
+        rigid=rigid,
+        contour_source=contour_source,
+        settings=settings,
+    )
+    lap("qa")
+    timings["total"] = round(time.perf_counter() - start, 3)
+    qa["timings_s"] = dict(timings)
+    return PipelineResult(
+        labels=image_from_array(restored.labels, reference),
+        reg=image_from_array(restored.reg, reference),
+        seg=image_from_array(restored.seg, reference),
+        ddf=restored.ddf,
+        rigid=rigid,
+        fov=restored.fov,
+        model_grid=grid,
+        contour_source=contour_source,
+        qa=qa,
+        timings=timings,
+    )
