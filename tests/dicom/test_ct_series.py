@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,3 +157,18 @@ def test_failed_write_leaves_nothing(
 def test_format_ds_fits_16_characters(value: float, expected: str) -> None:
     assert format_ds(value) == expected
     assert len(format_ds(-1234567.123456789e-7)) <= 16
+
+
+def test_written_files_are_readable_by_other_users(tmp_path):
+    """mkstemp makes files private; outputs go to gateways and PACS users, so they follow the umask instead."""
+    from prostate_jrs.dicom.common import atomic_write
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4"
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(ds, tmp_path / "out.dcm")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -240,6 +240,12 @@ def file_meta_for(ds: Dataset) -> FileMetaDataset:
     return meta
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write ``ds`` as a DICOM file (Part 10, Explicit VR Little Endian): completely or not at all.
 
@@ -258,6 +264,8 @@ def atomic_write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
         ds.file_meta = file_meta_for(ds)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file private (0600); a gateway or PACS user must be able to read the output
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             pydicom.dcmwrite(handle, ds, enforce_file_format=True)
         os.replace(tmp_name, path)
