@@ -214,7 +214,7 @@ def _tiny_bundle(root: Path) -> Path:
     config.update(
         {"widths": [4, 8, 16], "model_spacing": 4.0, "crop_margin_mm": 16.0, "patch_size": 56, "infer_patch_size": 56}
     )
-    config["contour_source"] = {**config.get("contour_source", {}), "rectum": "reg"}
+    config["contour_source"] = {**config.get("contour_source", {}), "rectum": "seg"}  # differs from the default
     (root / "configs" / "inference.json").write_text(json.dumps(config))
     return root
 
@@ -230,7 +230,7 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
     network, settings = load_bundle(bundle)
     assert settings.model_spacing == 4.0 and settings.crop_margin_mm == 16.0
     assert settings.patch_size == 56 and settings.output_size == 16
-    assert settings.network_name == "cross_stitch" and settings.resolved_contour_source["rectum"] == "reg"
+    assert settings.network_name == "cross_stitch" and settings.resolved_contour_source["rectum"] == "seg"
     assert not network.training
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(network.state_dict()[name], value)
