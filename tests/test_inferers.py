@@ -44,6 +44,25 @@ def test_reconstructs_position_dependent_network_exactly_on_odd_volume(tile_batc
     assert max(net.calls) <= tile_batch_size
 
 
+@pytest.mark.parametrize("shape", [(61, 57, 59), (41, 100, 77)])
+def test_context_inputs_give_their_inner_region_from_real_context(shape: tuple[int, int, int]) -> None:
+    volume = _position_volume(1, shape)
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return CentreNet()(x)
+
+    out = ValidPatchInferer(patch_size=96, output_size=56, includes_context=True)(volume, net)
+    inner = volume[:, :, 20:-20, 20:-20, 20:-20]
+    assert out.shape == (1, 8, *inner.shape[2:])
+    assert torch.equal(out[:, :3], inner)
+    # the first tile starts on the input's own first voxel: real context, not padding
+    assert torch.equal(seen[0][0, :, 0, 0, 0], volume[0, :, 0, 0, 0])
+    with pytest.raises(ValueError, match="context border"):
+        ValidPatchInferer(96, 56, includes_context=True)(_position_volume(1, (40, 60, 60)), net)
+
+
 def test_small_volume_and_anisotropic_tiles() -> None:
     volume = _position_volume(1, (5, 23, 9))
     out = ValidPatchInferer(patch_size=(28, 16, 30), output_size=(8, 6, 10))(volume, CentreNetAniso())

@@ -47,6 +47,10 @@ class ValidPatchInferer(Inferer):
         amp_dtype: autocast dtype.
         sw_device: device the network runs on; ``None`` for the device of ``inputs``.
         device: device of the stitched output; ``None`` for the device of ``inputs``.
+        includes_context: the inputs already carry ``(patch_size - output_size) / 2`` voxels of real context on
+            every side (e.g. a crop grown by the network's border), and the output covers the region inside it.
+            Without it the inferer pads that border with the channel minimum, which the network never saw in
+            training around anatomy: its DDF near the volume's faces is then unreliable.
 
     Raises:
         ValueError: if ``patch_size - output_size`` is negative or odd on some axis.
@@ -61,8 +65,10 @@ class ValidPatchInferer(Inferer):
         amp_dtype: torch.dtype = torch.float16,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
+        includes_context: bool = False,
     ) -> None:
         super().__init__()
+        self.includes_context = bool(includes_context)
         self.patch_size = _triple(patch_size, "patch_size")
         self.output_size = (
             tuple(p - 40 for p in self.patch_size) if output_size is None else _triple(output_size, "output_size")
@@ -87,17 +93,20 @@ class ValidPatchInferer(Inferer):
         """Run ``network`` over the whole volume.
 
         Args:
-            inputs: volume batch (B, C, X, Y, Z), any spatial size.
+            inputs: volume batch (B, C, X, Y, Z), any spatial size (with ``includes_context``: larger than twice
+                the border on every axis).
             network: callable mapping (n, C, *patch_size) to (n, C_out, *output_size).
             args: passed to ``network`` after the tile batch.
             kwargs: passed to ``network``.
 
         Returns:
-            Stitched output (B, C_out, X, Y, Z), float32, on ``device``; a ``MetaTensor`` carrying the input's
-            metadata when ``inputs`` is one.
+            Stitched output (B, C_out, X, Y, Z), float32, on ``device`` (with ``includes_context``: the inner region,
+            X - 2 border, ...); a ``MetaTensor`` carrying the input's metadata when ``inputs`` is one and the grid is
+            the same.
 
         Raises:
-            ValueError: if ``inputs`` is not 5-D or the network's output is not of ``output_size``.
+            ValueError: if ``inputs`` is not 5-D, is too small for its context, or the network's output is not of
+                ``output_size``.
         """
         if inputs.dim() != 5:
             raise ValueError(f"expected inputs (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
@@ -105,6 +114,13 @@ class ValidPatchInferer(Inferer):
         if source is not None:
             inputs = source.as_tensor()  # tiles are plain crops; the metadata goes back onto the result
         batch, channels, *spatial = inputs.shape
+        if self.includes_context:
+            if any(s <= 2 * b for s, b in zip(spatial, self.border, strict=True)):
+                raise ValueError(f"inputs {tuple(spatial)} are not larger than their context border {self.border}")
+            offset = (0, 0, 0)
+            spatial = [s - 2 * b for s, b in zip(spatial, self.border, strict=True)]
+        else:
+            offset = self.border
         sw_device = self.sw_device or inputs.device
         out_device = self.device or inputs.device
         tiles_per_axis = [math.ceil(s / o) for s, o in zip(spatial, self.output_size, strict=True)]
@@ -113,8 +129,9 @@ class ValidPatchInferer(Inferer):
         # per-sample, per-channel minimum: air for CT, background (0) for the label map
         fill = inputs.reshape(batch, channels, -1).amin(dim=2)
         padded = fill[:, :, None, None, None].expand(batch, channels, *padded_size).clone()
-        bx, by, bz = self.border
-        padded[:, :, bx : bx + spatial[0], by : by + spatial[1], bz : bz + spatial[2]] = inputs
+        bx, by, bz = offset
+        sx, sy, sz = inputs.shape[2:]
+        padded[:, :, bx : bx + sx, by : by + sy, bz : bz + sz] = inputs
 
         origins = [
             (b, i * self.output_size[0], j * self.output_size[1], k * self.output_size[2])
@@ -147,7 +164,7 @@ class ValidPatchInferer(Inferer):
                 result[b, :, x : x + ox, y : y + oy, z : z + oz] = tile_out
         assert result is not None  # at least one tile exists for a non-empty volume
         result = result[:, :, : spatial[0], : spatial[1], : spatial[2]]
-        if source is not None:  # same grid as the input: affine and transform history stay valid
+        if source is not None and not self.includes_context:  # same grid: affine and history stay valid
             result = MetaTensor(result, meta=source.meta, applied_operations=list(source.applied_operations))
         return result
 

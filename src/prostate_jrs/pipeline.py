@@ -423,6 +423,15 @@ def model_grid(
     return grid
 
 
+def _grown(grid: sitk.Image, voxels: int) -> sitk.Image:
+    """``grid`` extended by ``voxels`` on every side (same spacing and axes)."""
+    grown = sitk.Image([n + 2 * voxels for n in grid.GetSize()], grid.GetPixelID())
+    grown.SetSpacing(grid.GetSpacing())
+    grown.SetDirection(grid.GetDirection())
+    grown.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-float(voxels)] * 3))
+    return grown
+
+
 def _daily_box(grid: sitk.Image, daily_ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Index box ``[lo, hi)`` of the daily voxels around the model grid (one voxel of margin), inside the daily CT."""
     size = np.asarray(grid.GetSize(), dtype=np.float64)
@@ -532,17 +541,25 @@ def run_pipeline(
         daily_ct, labels, planning_ct, rigid.daily_to_planning, settings.model_spacing, settings.crop_margin_mm
     )
     to_planning = _affine_transform(rigid.daily_to_planning)
-    daily_model = sitk.Resample(daily_ct, grid, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
-    planning_model = sitk.Resample(planning_ct, grid, to_planning, sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
-    labels_model = sitk.Resample(planning_labels, grid, to_planning, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    daily_array = array_from_image(daily_model)
-    inputs = np.stack(
+    # the network sees real anatomy, not padding, for its border around the grid (ValidPatchInferer.includes_context)
+    border = (settings.patch_size - settings.output_size) // 2
+    context_grid = _grown(grid, border)
+    inner = tuple(slice(border, border + n) for n in grid.GetSize())
+    daily_model = sitk.Resample(daily_ct, context_grid, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+    planning_model = sitk.Resample(planning_ct, context_grid, to_planning, sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
+    labels_model = sitk.Resample(
+        planning_labels, context_grid, to_planning, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
+    daily_context = array_from_image(daily_model)
+    context_inputs = np.stack(
         [
-            _scale(daily_array, settings),
+            _scale(daily_context, settings),
             _scale(array_from_image(planning_model), settings),
             array_from_image(labels_model).astype(np.float32),
         ]
     )
+    daily_array = daily_context[inner]
+    inputs = context_inputs[(slice(None), *inner)]
     if not inputs[2].any():
         raise PipelineError(
             "after the rigid alignment no planning contour falls on the daily CT; check that both scans are of the "
@@ -557,11 +574,12 @@ def run_pipeline(
         tile_batch_size=settings.tile_batch_size,
         sw_device=device,
         device="cpu",
+        includes_context=True,
     )
     network.eval()
-    inputs_tensor = torch.from_numpy(inputs)[None]
+    inputs_tensor = torch.from_numpy(np.ascontiguousarray(inputs))[None]
     with torch.inference_mode():
-        pred = inferer(inputs_tensor.to(device), network)
+        pred = inferer(torch.from_numpy(context_inputs)[None].to(device), network)
     lap("network")
     if refine is not None:
         pred = refine(inputs_tensor.clone(), pred.clone())
