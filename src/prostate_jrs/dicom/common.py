@@ -217,6 +217,46 @@ def copy_patient_and_study(ds: Dataset, source: Dataset) -> None:
             setattr(ds, keyword, source[keyword].value)
 
 
+def new_derived_instance(
+    sop_class_uid: str,
+    modality: str,
+    source: Dataset,
+    when: dt.datetime,
+    *,
+    sop_instance_uid: str | None,
+    series_instance_uid: str | None,
+    series_number: int,
+    series_description: str,
+    operators_name: str = "",
+) -> Dataset:
+    """A new instance in a new series of ``source``'s patient and study: SOP Common, Patient, General Study, Series.
+
+    Args:
+        sop_class_uid: SOP Class UID of the new instance.
+        modality: Modality of its series (e.g. ``RTSTRUCT``, ``REG``).
+        source: an image of the series the instance refers to (patient and study are copied from it).
+        when: instance creation and series date/time.
+        sop_instance_uid: SOP Instance UID; a new one when ``None``.
+        series_instance_uid: Series Instance UID; a new one when ``None``.
+        series_number: Series Number.
+        series_description: Series Description.
+        operators_name: Operators' Name (Type 2: may be empty).
+    """
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid or make_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = dicom_date(when), dicom_time(when)
+    copy_patient_and_study(ds, source)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_instance_uid or make_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = dicom_date(when), dicom_time(when)
+    ds.SeriesDescription = series_description
+    ds.OperatorsName = operators_name
+    return ds
+
+
 def add_equipment(ds: Dataset, equipment: EquipmentInfo) -> None:
     """Set the General Equipment module (all Enhanced General Equipment attributes included) on ``ds``."""
     ds.Manufacturer = equipment.manufacturer

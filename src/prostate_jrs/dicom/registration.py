@@ -49,12 +49,11 @@ from prostate_jrs.dicom.common import (
     EquipmentInfo,
     add_equipment,
     atomic_write,
-    copy_patient_and_study,
     dicom_date,
     dicom_time,
     ds_list,
-    make_uid,
     match_slices,
+    new_derived_instance,
     package_version,
 )
 from prostate_jrs.geometry import identity_grid, index_to_world
@@ -325,19 +324,17 @@ def write_deformable_registration(
     when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
     direction = np.asarray(grid.GetDirection()).reshape(3, 3)
 
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = DeformableSpatialRegistrationStorage
-    ds.SOPInstanceUID = options.sop_instance_uid or make_uid()
-    ds.InstanceCreationDate, ds.InstanceCreationTime = dicom_date(when), dicom_time(when)
-    copy_patient_and_study(ds, daily)
     # General Series + Spatial Registration Series
-    ds.Modality = "REG"
-    ds.SeriesInstanceUID = options.series_instance_uid or make_uid()
-    ds.SeriesNumber = options.series_number
-    ds.SeriesDate, ds.SeriesTime = dicom_date(when), dicom_time(when)
-    ds.SeriesDescription = options.series_description
-    ds.OperatorsName = ""
+    ds = new_derived_instance(
+        DeformableSpatialRegistrationStorage,
+        "REG",
+        daily,
+        when,
+        sop_instance_uid=options.sop_instance_uid,
+        series_instance_uid=options.series_instance_uid,
+        series_number=options.series_number,
+        series_description=options.series_description,
+    )
     # an unpaired body part makes Laterality (Type 2C) not required
     ds.BodyPartExamined = daily.get("BodyPartExamined", "") or "PELVIS"
     # Frame of Reference: the Registered RCS (daily)

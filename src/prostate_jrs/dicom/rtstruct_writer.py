@@ -34,12 +34,11 @@ from prostate_jrs.dicom.common import (
     add_equipment,
     atomic_write,
     code_item,
-    copy_patient_and_study,
     dicom_date,
     dicom_time,
     ds_list,
-    make_uid,
     match_slices,
+    new_derived_instance,
     package_version,
 )
 from prostate_jrs.geometry import array_from_image, index_to_world
@@ -294,19 +293,18 @@ def write_rtstruct(
     when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
     to_world = index_to_world(grid)
 
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = options.sop_instance_uid or make_uid()
-    ds.InstanceCreationDate, ds.InstanceCreationTime = dicom_date(when), dicom_time(when)
-    copy_patient_and_study(ds, first)
     # RT Series
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = options.series_instance_uid or make_uid()
-    ds.SeriesNumber = options.series_number
-    ds.SeriesDate, ds.SeriesTime = dicom_date(when), dicom_time(when)
-    ds.SeriesDescription = options.series_description
-    ds.OperatorsName = options.operators_name
+    ds = new_derived_instance(
+        RTStructureSetStorage,
+        "RTSTRUCT",
+        first,
+        when,
+        sop_instance_uid=options.sop_instance_uid,
+        series_instance_uid=options.series_instance_uid,
+        series_number=options.series_number,
+        series_description=options.series_description,
+        operators_name=options.operators_name,
+    )
     # Frame of Reference: the CT's
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
