@@ -29,7 +29,7 @@ from prostate_jrs.dicom.common import package_version
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
 from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
 from prostate_jrs.dicom.registration import RegistrationOptions, write_deformable_registration
-from prostate_jrs.dicom.rtstruct_reader import RTStructContents, read_rtstruct
+from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.seg_writer import SegOptions, write_seg
 from prostate_jrs.labels import STRUCTURES, SynonymTable
@@ -108,7 +108,9 @@ def load_session(
     Raises:
         FileNotFoundError: if ``folder`` is not a folder.
         DicomSelectionError, CTSeriesError, RTStructError: if something is missing, ambiguous, of different
-            patients, or does not fit (the message names the file or UID).
+            patients, truncated or corrupt, or does not fit, or no ROI of the RTSTRUCT gives one of the four
+            structures (the message names the file, UID or ROI). Some structures missing is not an error: they are
+            listed in the notes and in ``contours.missing_structures``.
     """
     start = time.perf_counter()
     folder = Path(folder)
@@ -118,6 +120,7 @@ def load_session(
     planning = read_ct_series(session.planning_ct.files)
     daily = read_ct_series(session.daily_ct.files)
     contours = read_rtstruct(session.planning_rtstruct.path, planning, synonyms)
+    _check_some_structure(contours)
     labels = contours.label_image()
     for keyword in ("FrameOfReferenceUID", "PatientID"):
         labels.SetMetaData(METADATA_KEYS[keyword], planning.image.GetMetaData(METADATA_KEYS[keyword]))
@@ -128,6 +131,25 @@ def load_session(
         notes.append(f"structures missing from the planning RTSTRUCT: {', '.join(contours.missing_structures)}")
     timings = {"load": round(time.perf_counter() - start, 3)}
     return SessionInputs(session, planning, daily, contours, labels, notes, timings)
+
+
+def _check_some_structure(contours: RTStructContents) -> None:
+    """Refuse an RTSTRUCT from which not one of the four structures can be taken: there is nothing to propagate.
+
+    Raises:
+        RTStructError: naming the file, its ROIs (and those that map but are empty) and the structures expected.
+    """
+    if contours.structure_rois:
+        return
+    expected = ", ".join(s.name for s in STRUCTURES)
+    found = ", ".join(repr(r.name) for r in contours.rois) or "none"
+    empty = [r.name for r in contours.rois if r.structure is not None]
+    why = f"; {', '.join(map(repr, empty))} map to a structure but have no contour on the CT" if empty else ""
+    raise RTStructError(
+        f"{contours.path}: no ROI gives any of the structures {expected} (ROIs found: {found}{why}); expected "
+        "at least one contoured structure to propagate. ROI names are matched with the synonym table "
+        "(e.g. 'Prostate', 'CTV_Prostate', 'SV', 'Rectum', 'Bladder'); extend it for other names"
+    )
 
 
 def new_staging(out_dir: str | os.PathLike[str]) -> Path:
@@ -209,6 +231,10 @@ def qa_document(
             "daily_frame_of_reference_uid": inputs.daily.frame_of_reference_uid,
             "planning_frame_of_reference_uid": inputs.planning.frame_of_reference_uid,
             "roi_to_structure": inputs.contours.roi_to_structure,
+            # listed apart from the notes: a reviewer must see at once which planning contours were not propagated
+            "missing_structures": inputs.contours.missing_structures,
+            "unmapped_rois": inputs.contours.unmapped_rois,
+            "empty_rois": inputs.contours.empty_rois,
             "notes": inputs.notes,
         },
         "settings": {

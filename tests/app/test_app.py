@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from prostate_jrs.dicom.ct_reader import read_ct_series
 from prostate_jrs.dicom.registration import read_deformable_registration
 from prostate_jrs.dicom.rtstruct_reader import read_rtstruct
-from prostate_jrs.nets import build_network
 from prostate_jrs.phantom import PhantomConfig, write_dataset
 from prostate_jrs.phantom.dicom_export import export_dicom_sessions
 from prostate_jrs.pipeline import BundleError
+
+if TYPE_CHECKING:  # conftest is not importable at run time; the fixture hands its helper over
+    from conftest import RunApp
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("rtstruct.dcm", "seg.dcm", "registration.dcm", "qa.json", "qa.png")
@@ -37,29 +38,6 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repo's bundle configs with tiny settings and randomly initialised weights."""
-    root = tmp_path_factory.mktemp("bundle") / "tiny_bundle"
-    shutil.copytree(REPO / "bundle" / "configs", root / "configs")
-    config = json.loads((root / "configs" / "inference.json").read_text())
-    config.update(
-        {
-            "widths": [4, 8, 16],
-            "model_spacing": 4.0,
-            "crop_margin_mm": 16.0,
-            "patch_size": 56,
-            "infer_patch_size": 56,
-            "tile_batch_size": 8,
-        }
-    )
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=4))
-    (root / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(build_network("cross_stitch", [4, 8, 16]).state_dict(), root / "models" / "model.pt")
-    return root
-
-
 def _record(sessions: Path, patient: str) -> dict:
     manifest = json.loads((sessions / "dicom" / "sessions.json").read_text())
     return next(s for s in manifest["sessions"] if s["patient"] == patient)
@@ -69,17 +47,10 @@ def _header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _run_app(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "app"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
-
-
-def test_app_writes_complete_valid_outputs(sessions: Path, bundle: Path, tmp_path: Path) -> None:
+def test_app_writes_complete_valid_outputs(sessions: Path, bundle: Path, tmp_path: Path, run_app: RunApp) -> None:
     session = sessions / "dicom" / "JRS001_f01"
     out = tmp_path / "out"
-    result = _run_app(["-i", str(session), "-o", str(out), "-m", str(bundle)], cwd=tmp_path)
+    result = run_app(["-i", str(session), "-o", str(out), "-m", str(bundle)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no staging folder left
     for name in ("Prostate", "SeminalVesicles", "Rectum", "Bladder"):
@@ -140,7 +111,9 @@ def test_app_writes_complete_valid_outputs(sessions: Path, bundle: Path, tmp_pat
     assert (out / "qa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_app_refuses_mixed_patients_and_writes_nothing(sessions: Path, bundle: Path, tmp_path: Path) -> None:
+def test_app_refuses_mixed_patients_and_writes_nothing(
+    sessions: Path, bundle: Path, tmp_path: Path, run_app: RunApp
+) -> None:
     """Planning CT and RTSTRUCT of JRS001 with the daily CT of JRS002: refused, named, no output."""
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -153,7 +126,7 @@ def test_app_refuses_mixed_patients_and_writes_nothing(sessions: Path, bundle: P
             shutil.copy(path, mixed / path.name)  # daily CT of JRS002
 
     out = tmp_path / "out"
-    result = _run_app(["-i", str(mixed), "-o", str(out), "-m", str(bundle)], cwd=tmp_path)
+    result = run_app(["-i", str(mixed), "-o", str(out), "-m", str(bundle)], cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "prostate-jrs: error:" in result.stderr
     assert "JRS002" in result.stderr and "JRS001" in result.stderr

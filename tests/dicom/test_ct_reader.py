@@ -173,3 +173,57 @@ def test_real_ge_slices(tmp_path: Path) -> None:
     not_dicom.write_text("not DICOM")
     with pytest.raises(CTSeriesError, match=r"notes\.txt: cannot read as DICOM"):
         read_ct_series([FIXTURES / "ct_1.dcm", not_dicom])
+
+
+def test_truncated_or_corrupt_slice_is_refused_by_name(tmp_path: Path, phantom: PhantomMaker) -> None:
+    ct, _ = phantom()
+    files = _write(tmp_path, ct)
+    data = files[5].read_bytes()
+    files[5].write_bytes(data[: len(data) // 2])  # cut in the pixel data: pydicom alone returns half the pixels
+    with pytest.raises(CTSeriesError, match=r"truncated or corrupt DICOM file \(element \(7FE0,0010\)") as info:
+        read_ct_series(files)
+    assert files[5].name in str(info.value)
+
+    files[5].write_bytes(data)
+    ds = pydicom.dcmread(files[6])
+    del ds.PixelData  # cut exactly before the pixel data: every element read is complete
+    ds.save_as(files[6])
+    with pytest.raises(CTSeriesError, match=r"no PixelData \(7FE0,0010\)") as info:
+        read_ct_series(files)
+    assert files[6].name in str(info.value)
+
+    files[6].write_bytes(b"\0" * 128 + b"DICM" + random.Random(1).randbytes(3000))
+    with pytest.raises(CTSeriesError, match="truncated or corrupt") as info:
+        read_ct_series(files)
+    assert files[6].name in str(info.value)
+
+
+def test_uneven_spacing_is_refused(tmp_path: Path, phantom: PhantomMaker) -> None:
+    ct, _ = phantom()
+    files = _write(tmp_path, ct)
+    position = [float(v) for v in pydicom.dcmread(files[8]).ImagePositionPatient]
+    _edit(files[8], ImagePositionPatient=[position[0], position[1], position[2] + 1.0])  # gaps 4 mm and 2 mm
+    with pytest.raises(
+        CTSeriesError, match=r"slice gap 4\.000 mm, expected 3\.000 mm .*\(2 irregular gap\(s\)\); .*not uniform"
+    ) as info:
+        read_ct_series(files)
+    assert files[7].name in str(info.value) and files[8].name in str(info.value)
+
+
+def test_gantry_tilt_is_refused(tmp_path: Path, phantom: PhantomMaker) -> None:
+    # a tilted gantry: every slice's column direction tilts by the gantry angle while the slices are still stacked
+    # along the table (z), so the stack is sheared; the series is consistent in itself, only the geometry is not
+    ct, _ = phantom()
+    files = _write(tmp_path, ct)
+    angle = np.radians(12.0)
+    for path in files:
+        _edit(
+            path,
+            ImageOrientationPatient=[1, 0, 0, 0, f"{np.cos(angle):.8f}", f"{np.sin(angle):.8f}"],
+            GantryDetectorTilt="12",
+        )
+    with pytest.raises(
+        CTSeriesError, match=r"shifted in-plane by \d+\.\d+ mm .*\(gantry tilt .*GantryDetectorTilt \(0018,1120\) 12\)"
+    ) as info:
+        read_ct_series(files)
+    assert any(path.name in str(info.value) for path in files)

@@ -296,3 +296,114 @@ def test_real_mim_files(tmp_path: Path, phantom: PhantomMaker) -> None:
     clinic = SynonymTable().extend({"bladder": ["ROI-4"]})
     with pytest.raises(RTStructError, match=r"ROI 'ROI-4' contour 1 lies at 70\.00 mm"):
         read_rtstruct(session.planning_rtstruct.path, planning, clinic)
+
+
+def _cut_inside(path: Path, keyword: str) -> None:
+    """Truncate ``path`` in the middle of the value of ``keyword`` (elements before it stay intact)."""
+    element = pydicom.dcmread(path, stop_before_pixels=True).get_item(pydicom.datadict.tag_for_keyword(keyword))
+    data = path.read_bytes()
+    path.write_bytes(data[: element.value_tell + element.length // 2])
+
+
+def test_planning_series_must_be_a_ct_volume(hospital_folder: Path, tmp_path: Path, phantom: PhantomMaker) -> None:
+    folder = _copy(hospital_folder, tmp_path)
+    for path in (folder / "plan" / "ct").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    with pytest.raises(
+        DicomSelectionError,
+        match=rf"RS\.planning\.dcm: the referenced series {_series_uid('planning')} has Modality "
+        r"'MR'; expected a planning CT",
+    ):
+        select_session(folder)
+
+    # one slice: contours drawn on it would give a volume one slice thick; no daily CT is matched to it
+    folder = tmp_path / "one"
+    shutil.copytree(hospital_folder / "daily", folder / "daily")
+    ct, _ = phantom("HFS", shape=(48, 40, 1))
+    _write(folder / "plan" / "ct", ct, PATIENT, PLANNING, "planning-one", dt.datetime(2025, 1, 6, 9, 20))
+    _structure_set(folder / "plan" / "RS.one.dcm", folder / "plan" / "ct")
+    with pytest.raises(
+        DicomSelectionError, match=r"RS\.one\.dcm: the planning CT series .* is a single slice \(1 file\)"
+    ) as info:
+        select_session(folder)
+    assert "at least 2 slices" in str(info.value)
+
+
+def test_no_daily_ct_says_why_each_series_was_left_out(
+    hospital_folder: Path, tmp_path: Path, phantom: PhantomMaker
+) -> None:
+    folder = _copy(hospital_folder, tmp_path)
+    shutil.rmtree(folder / "daily" / "b")
+    for path in (folder / "daily" / "a").iterdir():  # the daily scan, exported as MR
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    ct, _ = phantom("HFS", shape=(48, 40, 1))
+    _write(folder / "daily" / "c", ct, PATIENT, DAILY, "daily-one", dt.datetime(2025, 1, 20, 9, 0))
+    with pytest.raises(DicomSelectionError, match="no daily CT") as info:
+        select_session(folder)
+    message = str(info.value)
+    assert f"series {_series_uid('daily-early')}: Modality 'MR', not CT" in message
+    assert f"series {_series_uid('daily-one')}: a single slice (1 file), not a CT volume" in message
+    assert f"series {_series_uid('stray')}: patient 'PJRS-SEL-2', not 'PJRS-SEL-1'" in message
+
+
+def test_damaged_file_of_the_session_is_refused_by_name(hospital_folder: Path, tmp_path: Path) -> None:
+    # cut after its Series Instance UID: the file is placed in the daily series, which would miss a slice
+    folder = _copy(hospital_folder, tmp_path)
+    slice_file = sorted((folder / "daily" / "b").iterdir())[5]
+    _cut_inside(slice_file, "FrameOfReferenceUID")
+    with pytest.raises(
+        DicomSelectionError,
+        match=rf"{slice_file.name} \(element \(0020,0052\) declares .*: cannot be read, and it is a file of the daily "
+        rf"CT series {_series_uid('daily-late')}",
+    ) as info:
+        select_session(folder)
+    assert "re-export the file, or remove it" in str(info.value)
+
+    # every file of the latest daily CT damaged: the earlier one must not be taken in its place unnoticed
+    folder = _copy(hospital_folder, tmp_path / "all")
+    for path in (folder / "daily" / "b").iterdir():
+        _cut_inside(path, "FrameOfReferenceUID")
+    with pytest.raises(DicomSelectionError, match=f"CT series {_series_uid('daily-late')}, of which no file can be"):
+        select_session(folder)
+
+    # garbage after a DICM prefix: nothing tells which series it belongs to, so the session cannot be checked
+    folder = _copy(hospital_folder, tmp_path / "2")
+    (folder / "daily" / "b" / "CT.extra.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 8)
+    with pytest.raises(DicomSelectionError, match=r"CT\.extra\.dcm .*does not tell which series it belongs to"):
+        select_session(folder)
+
+    # a planning slice the RTSTRUCT was drawn on, cut before its Series Instance UID: placed by its SOP Instance UID
+    folder = _copy(hospital_folder, tmp_path / "3")
+    slice_file = sorted((folder / "plan" / "ct").iterdir())[3]
+    _cut_inside(slice_file, "StudyDate")
+    with pytest.raises(DicomSelectionError, match="is incomplete") as info:
+        select_session(folder)
+    assert f"Files that could not be read (the cause?):\n  {slice_file}" in str(info.value)
+
+    # the only RTSTRUCT, cut in its references: named beside "no RTSTRUCT found"
+    folder = _copy(hospital_folder, tmp_path / "4")
+    _cut_inside(folder / "plan" / "RS.planning.dcm", "ReferencedFrameOfReferenceSequence")
+    with pytest.raises(DicomSelectionError, match="no RTSTRUCT found") as info:
+        select_session(folder)
+    assert "RS.planning.dcm" in str(info.value) and "Modality RTSTRUCT" in str(info.value)
+
+
+def test_damaged_file_of_another_patient_is_left_out(hospital_folder: Path, tmp_path: Path) -> None:
+    folder = _copy(hospital_folder, tmp_path)
+    stray = sorted((folder / "stray").iterdir())[2]
+    _cut_inside(stray, "FrameOfReferenceUID")
+    inventory = scan_folder(folder)
+    assert [u.path for u in inventory.unreadable_files] == [stray]
+    damaged = inventory.unreadable_files[0]
+    assert (damaged.patient_id, damaged.series_instance_uid, damaged.modality) == (
+        STRANGER.patient_id,
+        _series_uid("stray"),
+        "CT",
+    )
+    session = select_session(inventory)
+    assert session.daily_ct.series_instance_uid == _series_uid("daily-late")
+    assert any(str(stray) in note and "another patient" in note for note in session.notes)

@@ -303,3 +303,32 @@ def test_real_mim_rtstruct(tmp_path: Path) -> None:
         assert roi.mask is not None
         assert [int(k) for k in np.flatnonzero(roi.mask.any(axis=(0, 1)))] == [0, 1, 2], roi.name
     assert set(np.unique(full.label_map)) == {0, 1, 3}
+
+
+def test_damaged_rtstruct_is_refused_by_name(tmp_path: Path, phantom: PhantomMaker) -> None:
+    ct = _ct(tmp_path / "ct", phantom)
+    rois: list[RoiSpec] = [
+        (name, [("CLOSED_PLANAR", _rect(4.5, 12.5, 4.5, 12.5, k)) for k in range(2, 14)])
+        for name in ("Prostate", "Rectum", "Bladder")
+    ]
+    path = _rtstruct(tmp_path / "rs.dcm", ct, rois)
+    data = path.read_bytes()
+    # cut in the ROI Contour Sequence: pydicom alone would return fewer contours, or fail deep inside the reader
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(RTStructError, match=r"cut\.dcm: truncated or corrupt DICOM file .*a complete RTSTRUCT"):
+        read_rtstruct(cut, ct)
+
+    ds = pydicom.dcmread(path)
+    del ds.ROIContourSequence[1].ReferencedROINumber
+    ds.save_as(tmp_path / "no_number.dcm")
+    with pytest.raises(
+        RTStructError, match=r"ROIContourSequence \(3006,0039\) item 2 has no ReferencedROINumber \(3006,0084\)"
+    ):
+        read_rtstruct(tmp_path / "no_number.dcm", ct)
+
+    ds = pydicom.dcmread(path)
+    del ds.ROIContourSequence[2].ContourSequence[0].ContourData
+    ds.save_as(tmp_path / "no_points.dcm")
+    with pytest.raises(RTStructError, match=r"ROI 'Bladder' contour 1: ContourData \(3006,0050\) has 0 values"):
+        read_rtstruct(tmp_path / "no_points.dcm", ct)

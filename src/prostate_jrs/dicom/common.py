@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
@@ -26,6 +28,7 @@ from prostate_jrs.geometry import index_to_world
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
+    "DamagedFileError",
     "EquipmentInfo",
     "PatientInfo",
     "StudyInfo",
@@ -42,6 +45,7 @@ __all__ = [
     "make_uid",
     "match_slices",
     "package_version",
+    "read_dicom",
 ]
 
 _POSITION_TOLERANCE_MM = 1e-3
@@ -314,6 +318,88 @@ def atomic_write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
             os.unlink(tmp_name)
         raise
     return path
+
+
+class DamagedFileError(ValueError):
+    """A file with the DICOM Part 10 prefix that is truncated or corrupt.
+
+    Args:
+        path: the file.
+        reason: what is wrong, for messages.
+        dataset: what could be parsed (``None`` when nothing could); it may identify the series the file belongs to.
+    """
+
+    def __init__(self, path: Path, reason: str, dataset: Dataset | None = None) -> None:
+        super().__init__(f"{path}: truncated or corrupt DICOM file ({reason})")
+        self.path = path
+        self.reason = reason
+        self.dataset = dataset
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _short_element(ds: Dataset) -> str | None:
+    """The first top-level element whose value is shorter than its header declares, described; else ``None``."""
+    for element in ds.elements():
+        if (
+            isinstance(element, RawDataElement)
+            and element.value is not None
+            and element.length != _UNDEFINED_LENGTH
+            and len(element.value) < element.length
+        ):
+            tag = element.tag
+            return (
+                f"element ({tag.group:04X},{tag.element:04X}) declares {element.length} bytes but the file ends after "
+                f"{len(element.value)}"
+            )
+    return None
+
+
+def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
+    """:func:`pydicom.dcmread` that refuses a truncated or corrupt file instead of returning the part it parsed.
+
+    pydicom stops quietly at the end of a truncated file: the last value comes back short (half the pixel data) or
+    the elements after the cut are simply missing, and bytes after a ``DICM`` prefix that are not DICOM at all parse
+    into nonsense elements. A CT slice or RTSTRUCT read that way loses pixels, slices or contours without a word, so
+    this checks that every element read is as long as its header declares, that pydicom did not reach the end of the
+    file inside a sequence or an undefined-length value, and that the file meta information names a transfer syntax.
+    Files cut exactly between two elements pass: callers check that the elements they need are present.
+
+    Args:
+        path: the file.
+        **kwargs: passed to :func:`pydicom.dcmread` (e.g. ``stop_before_pixels``, ``specific_tags``).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        pydicom.errors.InvalidDicomError: if the file is not DICOM Part 10 (no ``DICM`` prefix): not damaged, just
+            not DICOM.
+        DamagedFileError: if it has the prefix but cannot be read completely; the message names the file.
+    """
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, **kwargs)  # type: ignore[arg-type]
+        except pydicom.errors.InvalidDicomError:
+            raise
+        except Exception as err:  # pydicom raises many types on damaged files (struct.error, ValueError, OSError, ...)
+            raise DamagedFileError(path, f"cannot be parsed: {type(err).__name__}: {err}") from err
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    meta = getattr(ds, "file_meta", None)
+    if eof:
+        problem: str | None = eof[0]
+    elif meta is None or "TransferSyntaxUID" not in meta:
+        problem = "no Transfer Syntax UID (0002,0010) in the file meta information"
+    else:
+        problem = _short_element(meta) or _short_element(ds)
+    if problem:
+        raise DamagedFileError(path, problem, ds)
+    for w in caught:  # a complete file: keep pydicom's warnings visible, as without the check
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
 
 
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:

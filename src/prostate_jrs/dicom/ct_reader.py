@@ -23,6 +23,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+
 __all__ = [
     "METADATA_KEYS",
     "CTSeriesError",
@@ -117,9 +119,22 @@ def tag_name(keyword: str) -> str:
 
 def _read_file(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError) as err:
+        ds = read_dicom(path)
+    except pydicom.errors.InvalidDicomError as err:
         raise CTSeriesError(f"{path}: cannot read as DICOM ({err})") from err
+    except DamagedFileError as err:
+        # a slice of the series that cannot be read completely: never drop it (the volume would miss a slice) and
+        # never use its partial pixels
+        raise CTSeriesError(
+            f"{path}: truncated or corrupt DICOM file ({err.reason}); expected a complete CT slice: re-export the "
+            "series or remove the file"
+        ) from err
+    if "PixelData" not in ds:
+        # a file cut exactly between two elements loses its last ones; for a CT slice that is the pixel data
+        raise CTSeriesError(
+            f"{path}: no PixelData (7FE0,0010); expected a CT slice with its pixels (is the file truncated?)"
+        )
+    return ds
 
 
 def _require(ds: Dataset, path: Path, keyword: str) -> object:
@@ -221,9 +236,13 @@ def read_ct_series(
     pixel_spacing = np.asarray([float(v) for v in first.PixelSpacing])
     if shift.max() > 0.01 * pixel_spacing.min() + _SPACING_TOLERANCE_MM:
         bad = int(np.argmax(shift))
+        tilt = first.get("GantryDetectorTilt")
+        # name the tilt when the scanner recorded it: that tells the user the series must be resampled (untilted)
+        tilt_text = f", GantryDetectorTilt {tag_name('GantryDetectorTilt')} {tilt}" if tilt not in (None, "") else ""
         raise CTSeriesError(
             f"{paths[bad]}: slice is shifted in-plane by {shift[bad]:.3f} mm relative to {paths[0]} "
-            "(gantry tilt or a sheared stack); expected slices stacked along the normal of ImageOrientationPatient"
+            f"(gantry tilt or a sheared stack{tilt_text}); expected slices stacked along the normal of "
+            "ImageOrientationPatient (0020,0037)"
         )
 
     notes: list[str] = []

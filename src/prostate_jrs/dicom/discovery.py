@@ -13,6 +13,11 @@
 Safety rules that no option switches off: series of different patients are never combined (Patient ID, and
 Patient's Name, Birth Date and Issuer of Patient ID where both sides have them), and the RTSTRUCT's frame of
 reference must be the planning CT's. Series of other patients in the folder are left out and reported.
+
+Files with the DICOM prefix that are truncated or corrupt (:func:`prostate_jrs.dicom.common.read_dicom`) are never
+silently dropped: one that belongs to a selected series, or whose series cannot be told, stops the selection with
+its path (the selected CT could otherwise miss a slice, or a newer RTSTRUCT be overlooked); one that what remains of
+its header places in another patient's or another, unselected series is left out with a note.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import MediaStorageDirectoryStorage
+
+from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 
 __all__ = [
     "AdaptiveSession",
@@ -34,6 +42,7 @@ __all__ = [
     "DicomSelectionError",
     "SeriesInfo",
     "StructureSetInfo",
+    "UnreadableFile",
     "scan_folder",
     "select_session",
 ]
@@ -200,6 +209,40 @@ class StructureSetInfo:
 
 
 @dataclass
+class UnreadableFile:
+    """A file with the DICOM prefix that cannot be read completely, and what its intact elements say about it.
+
+    Args:
+        path: the file.
+        reason: what is wrong (truncated, corrupt, no SOP or Series Instance UID, ...).
+        modality: Modality, if an intact element gives it (else empty).
+        patient_id: Patient ID, if an intact element gives it.
+        series_instance_uid: Series Instance UID, if an intact element gives it.
+        sop_instance_uid: SOP Instance UID (or the file meta's Media Storage SOP Instance UID), if intact.
+    """
+
+    path: Path
+    reason: str
+    modality: str = ""
+    patient_id: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+
+    def describe(self) -> str:
+        """One line for messages: the path, the reason and what is known about the file."""
+        known = [
+            f"{label} {value}"
+            for label, value in (
+                ("Modality", self.modality),
+                ("patient", repr(self.patient_id) if self.patient_id else ""),
+                ("series", self.series_instance_uid),
+            )
+            if value
+        ]
+        return f"{self.path} ({self.reason}{'; ' + ', '.join(known) if known else ''})"
+
+
+@dataclass
 class DicomInventory:
     """What :func:`scan_folder` found.
 
@@ -209,11 +252,13 @@ class DicomInventory:
         structure_sets: RTSTRUCT instances.
         non_dicom_files: files that are not DICOM Part 10 files (skipped).
         dicomdir_files: DICOMDIR files (skipped: the scan reads the files themselves).
-        unreadable_files: files with a DICOM preamble that could not be parsed, with the error.
+        unreadable_files: files with the DICOM prefix that are truncated or corrupt, or lack a SOP or Series Instance
+            UID (which every image and structure set has; without one the file cannot be placed): what is known of
+            each. :func:`select_session` refuses those that may belong to the session.
         hidden: hidden files and folders (names starting with ``.``), not scanned.
         duplicate_files: further copies of an image instance already in its series (same SOP Instance UID), skipped.
-        other_instances: DICOM files without a Series or SOP Instance UID (skipped). Other modalities (RTPLAN,
-            RTDOSE, REG, MR, ...) are series like the CTs; the selection only takes CT series.
+
+    Other modalities (RTPLAN, RTDOSE, REG, MR, ...) are series like the CTs; the selection only takes CT series.
     """
 
     folder: Path
@@ -221,8 +266,7 @@ class DicomInventory:
     structure_sets: list[StructureSetInfo] = field(default_factory=list)
     non_dicom_files: list[Path] = field(default_factory=list)
     dicomdir_files: list[Path] = field(default_factory=list)
-    other_instances: list[Path] = field(default_factory=list)
-    unreadable_files: list[tuple[Path, str]] = field(default_factory=list)
+    unreadable_files: list[UnreadableFile] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
     duplicate_files: list[Path] = field(default_factory=list)
 
@@ -390,27 +434,73 @@ def scan_folder(folder: str | os.PathLike[str]) -> DicomInventory:
     inventory = DicomInventory(folder=folder)
     for path in _iter_files(folder, inventory.hidden):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_IMAGE_TAGS)
+            ds = read_dicom(path, stop_before_pixels=True, specific_tags=_IMAGE_TAGS)
         except pydicom.errors.InvalidDicomError:
             inventory.non_dicom_files.append(path)
             continue
-        except Exception as err:  # a DICOM preamble but a corrupt or unreadable file: reported, not fatal here
-            inventory.unreadable_files.append((path, f"{type(err).__name__}: {err}"))
+        except DamagedFileError as err:  # reported; select_session decides whether the session can do without it
+            inventory.unreadable_files.append(_unreadable(path, err.reason, err.dataset))
             continue
         storage_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
-        if path.name.upper() == "DICOMDIR" or storage_class == MediaStorageDirectoryStorage:
-            inventory.dicomdir_files.append(path)
-        elif _text(ds, "Modality") == "RTSTRUCT":
-            inventory.structure_sets.append(_structure_set_info(ds, path))
-        elif not _text(ds, "SeriesInstanceUID") or not _text(ds, "SOPInstanceUID"):
-            inventory.other_instances.append(path)
-        else:
-            _add_image(inventory, ds, path)
+        try:
+            if path.name.upper() == "DICOMDIR" or storage_class == MediaStorageDirectoryStorage:
+                inventory.dicomdir_files.append(path)
+            elif _text(ds, "Modality") == "RTSTRUCT":
+                inventory.structure_sets.append(_structure_set_info(ds, path))
+            elif not _text(ds, "SeriesInstanceUID") or not _text(ds, "SOPInstanceUID"):
+                # every image has both; without them the file cannot be placed in a series (cut after its first
+                # elements, or garbage after a DICM prefix that happens to parse)
+                missing = [k for k in ("SOPInstanceUID", "SeriesInstanceUID") if not _text(ds, k)]
+                reason = f"no {' or '.join(f'{k} {_tag(k)}' for k in missing)}; truncated or not an image"
+                inventory.unreadable_files.append(_unreadable(path, reason, ds))
+            else:
+                _add_image(inventory, ds, path)
+        except DicomSelectionError:
+            raise
+        except Exception as err:  # values that do not parse (e.g. a corrupt sequence): the file is damaged
+            inventory.unreadable_files.append(_unreadable(path, f"{type(err).__name__}: {err}", ds))
     for series in inventory.series.values():
         order = sorted(range(len(series.files)), key=lambda i: series.files[i])
         series.files = [series.files[i] for i in order]
         series.sop_instance_uids = [series.sop_instance_uids[i] for i in order]
     return inventory
+
+
+def _tag(keyword: str) -> str:
+    tag = pydicom.datadict.tag_for_keyword(keyword) or 0
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _intact_text(ds: Dataset | None, keyword: str) -> str:
+    """``keyword``'s value if the element is present and complete in a possibly truncated dataset, else ``""``.
+
+    The element a file was cut in holds a prefix of its value (half a UID): never use it to place the file.
+    """
+    if ds is None:
+        return ""
+    try:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if tag is None or tag not in ds:
+            return ""
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement) and element.value is not None and len(element.value) < element.length:
+            return ""
+        return _text(ds, keyword)
+    except Exception:  # any element of a damaged file may fail to convert: then it tells nothing
+        return ""
+
+
+def _unreadable(path: Path, reason: str, ds: Dataset | None) -> UnreadableFile:
+    """An :class:`UnreadableFile` with what the intact elements of ``ds`` (partly parsed, or ``None``) tell."""
+    meta = getattr(ds, "file_meta", None)
+    return UnreadableFile(
+        path=path,
+        reason=reason,
+        modality=_intact_text(ds, "Modality"),
+        patient_id=_intact_text(ds, "PatientID"),
+        series_instance_uid=_intact_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_intact_text(ds, "SOPInstanceUID") or _intact_text(meta, "MediaStorageSOPInstanceUID"),
+    )
 
 
 def _normalised_name(name: str) -> str:
@@ -552,6 +642,13 @@ def _planning_ct(
             f"{rtstruct.path}: the referenced series {planning.series_instance_uid} has Modality "
             f"{planning.modality!r}; expected a planning CT"
         )
+    not_a_volume = _not_a_volume(planning)
+    if not_a_volume:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the planning CT series {planning.series_instance_uid} ({len(planning.files)} file(s), "
+            f"e.g. {planning.files[0]}) is {not_a_volume}; expected the CT volume the contours were drawn on, with at "
+            "least 2 slices"
+        )
     if rtstruct.frame_of_reference_uids and planning.frame_of_reference_uid not in rtstruct.frame_of_reference_uids:
         raise DicomSelectionError(
             f"{rtstruct.path}: the RTSTRUCT's frame of reference {', '.join(rtstruct.frame_of_reference_uids)} is not "
@@ -569,6 +666,17 @@ def _planning_ct(
             f"found {len(planning.files)} file(s) of that series"
         )
     return planning
+
+
+def _not_a_volume(series: SeriesInfo) -> str:
+    """Why ``series`` is no CT volume (a localizer, multi-frame or single-slice series), or ``""``."""
+    if series.is_localizer:
+        return "a localizer (ImageType LOCALIZER)"
+    if series.multiframe:
+        return "a multi-frame image (NumberOfFrames > 1), which this reader does not take"
+    if len(series.files) < 2:
+        return f"a single slice ({len(series.files)} file)"
+    return ""
 
 
 def _daily_ct(
@@ -594,32 +702,49 @@ def _daily_ct(
                 f"requested daily series {daily_series_uid} is the planning CT the RTSTRUCT {rtstruct.path.name} "
                 "references; expected another CT series"
             )
+        if _not_a_volume(daily):
+            raise DicomSelectionError(
+                f"requested daily series {daily_series_uid} is {_not_a_volume(daily)}; expected a CT volume"
+            )
         _check_same_patient(planning, daily, "planning CT", "requested daily CT")
         if daily.frame_of_reference_uid == planning.frame_of_reference_uid:
             notes.append("the requested daily CT shares the planning CT's frame of reference")
         return daily
 
     candidates = []
+    left_out: list[str] = []  # why each other series is no daily CT: the error below needs it when none is left
     for series in inventory.series.values():
-        if series.series_instance_uid == planning.series_instance_uid or series.modality != "CT":
+        uid = series.series_instance_uid
+        if uid == planning.series_instance_uid:
+            continue
+        if series.modality != "CT":
+            left_out.append(f"series {uid}: Modality {series.modality!r}, not CT")
             continue
         if series.patient_id != planning.patient_id:
-            continue  # reported as left out by select_session
+            # reported in the notes by select_session; series of different patients are never combined
+            left_out.append(f"series {uid}: patient {series.patient_id!r}, not {planning.patient_id!r}")
+            continue
         if series.frame_of_reference_uid and series.frame_of_reference_uid == planning.frame_of_reference_uid:
             # same frame of reference = same scan session: another reconstruction of the planning scan, not a daily
             notes.append(
                 f"left out {series.describe()}: it shares the planning CT's frame of reference (another "
                 "reconstruction of the planning scan?); choose it with daily_series_uid if it is the daily CT"
             )
+            left_out.append(f"series {uid}: in the planning CT's frame of reference (a planning reconstruction?)")
             continue
-        if series.is_localizer or series.multiframe or len(series.files) < 2:
-            notes.append(f"left out {series.describe()}: a localizer, multi-frame or single-slice series is no volume")
+        not_a_volume = _not_a_volume(series)
+        if not_a_volume:
+            notes.append(f"left out {series.describe()}: {not_a_volume}, not a CT volume")
+            left_out.append(f"series {uid}: {not_a_volume}, not a CT volume")
             continue
         candidates.append(series)
     if not candidates:
+        reasons = "".join(f"\n  {line}" for line in left_out)
         raise DicomSelectionError(
             f"{inventory.folder}: no daily CT: expected a CT series of patient {planning.patient_id!r} other than the "
-            f"planning CT {planning.series_instance_uid}. Found:\n{inventory.summary()}"
+            f"planning CT {planning.series_instance_uid}, with at least 2 slices"
+            + (f". Left out:{reasons}" if reasons else "")
+            + f"\nFound:\n{inventory.summary()}"
         )
     if len(candidates) == 1:
         daily = candidates[0]
@@ -645,6 +770,59 @@ def _daily_ct(
     return daily
 
 
+def _check_unreadable(
+    inventory: DicomInventory,
+    rtstruct: StructureSetInfo,
+    planning: SeriesInfo,
+    daily: SeriesInfo,
+    notes: list[str],
+) -> None:
+    """Refuse the session when a damaged file may belong to it; note the damaged files that cannot.
+
+    A damaged file is harmless only when its intact elements place it in another patient, in a series whose other
+    files were read and which was not selected, or in a series of a modality the session does not use (an RTSTRUCT
+    of this patient could be a newer plan's; a CT series none of whose files can be read could be the daily CT).
+
+    Raises:
+        DicomSelectionError: naming the first damaged file that belongs, or may belong, to the session.
+    """
+    selected = {planning.series_instance_uid: "planning CT", daily.series_instance_uid: "daily CT"}
+    contoured = set(rtstruct.referenced_images.get(planning.series_instance_uid, []))
+    for damaged in inventory.unreadable_files:
+        if damaged.series_instance_uid in selected:
+            why = f"it is a file of the {selected[damaged.series_instance_uid]} series {damaged.series_instance_uid}"
+        elif damaged.sop_instance_uid and damaged.sop_instance_uid in contoured:
+            why = f"it is image {damaged.sop_instance_uid}, which the RTSTRUCT {rtstruct.path.name} was drawn on"
+        elif damaged.patient_id and damaged.patient_id != planning.patient_id:
+            notes.append(
+                f"left out {damaged.describe()}: unreadable, and of another patient than {planning.patient_id!r}"
+            )
+            continue
+        elif damaged.series_instance_uid and (
+            damaged.series_instance_uid in inventory.series or damaged.modality not in ("", "CT", "RTSTRUCT")
+        ):
+            # a file of a series that was considered (its other files were read) and not chosen, or of a modality
+            # the session never uses: the session is complete without it
+            notes.append(f"left out {damaged.describe()}: unreadable, and of a series that is not used")
+            continue
+        elif damaged.modality == "RTSTRUCT":
+            why = f"it is an RTSTRUCT of patient {planning.patient_id!r}, maybe a newer one than {rtstruct.path.name}"
+        elif damaged.series_instance_uid:
+            why = (
+                f"it is of CT series {damaged.series_instance_uid}, of which no file can be read: that may be the "
+                "latest daily CT"
+            )
+        else:
+            why = (
+                "what can be read of it does not tell which series it belongs to: it may be a slice of the planning "
+                "or daily CT, which would then be incomplete"
+            )
+        raise DicomSelectionError(
+            f"{damaged.describe()}: cannot be read, and {why}; expected every file of the planning CT, the planning "
+            f"RTSTRUCT and the daily CT to be complete: re-export the file, or remove it from {inventory.folder}"
+        )
+
+
 def select_session(
     source: str | os.PathLike[str] | DicomInventory,
     *,
@@ -667,38 +845,44 @@ def select_session(
         The selected session, with notes on what was chosen and left out.
 
     Raises:
-        DicomSelectionError: if something is missing, ambiguous, inconsistent or of different patients; the
-            message names the files or UIDs and what was expected.
+        DicomSelectionError: if something is missing, ambiguous, inconsistent or of different patients, or a
+            truncated or corrupt file may belong to the session; the message names the files or UIDs and what was
+            expected.
     """
     inventory = source if isinstance(source, DicomInventory) else scan_folder(source)
     notes: list[str] = []
-    rtstruct = _pick_rtstruct(inventory, rtstruct_sop_uid, patient_id, notes)
-    planning = _planning_ct(inventory, rtstruct, planning_series_uid, notes)
-    _check_same_patient(planning, rtstruct, "planning CT", "planning RTSTRUCT")
-    if patient_id is not None and planning.patient_id != patient_id:
-        raise DicomSelectionError(
-            f"{rtstruct.path}: belongs to patient {planning.patient_id!r}, not the requested {patient_id!r}"
-        )
-    daily = _daily_ct(inventory, planning, rtstruct, daily_series_uid, notes)
+    try:
+        rtstruct = _pick_rtstruct(inventory, rtstruct_sop_uid, patient_id, notes)
+        planning = _planning_ct(inventory, rtstruct, planning_series_uid, notes)
+        _check_same_patient(planning, rtstruct, "planning CT", "planning RTSTRUCT")
+        if patient_id is not None and planning.patient_id != patient_id:
+            raise DicomSelectionError(
+                f"{rtstruct.path}: belongs to patient {planning.patient_id!r}, not the requested {patient_id!r}"
+            )
+        daily = _daily_ct(inventory, planning, rtstruct, daily_series_uid, notes)
+    except DicomSelectionError as err:
+        if not inventory.unreadable_files:
+            raise
+        # a missing RTSTRUCT or slice is often the damaged file itself: name it beside the error
+        damaged = "".join(f"\n  {u.describe()}" for u in inventory.unreadable_files)
+        raise DicomSelectionError(f"{err}\nFiles that could not be read (the cause?):{damaged}") from err
+    _check_unreadable(inventory, rtstruct, planning, daily, notes)
     others = sorted({s.patient_id for s in inventory.series.values()} - {planning.patient_id})
     if others:
         notes.append(
             f"left out series of other patients ({', '.join(map(repr, others))}): series of different patients are "
             "never combined"
         )
-    if inventory.non_dicom_files or inventory.dicomdir_files or inventory.hidden or inventory.other_instances:
+    if inventory.non_dicom_files or inventory.dicomdir_files or inventory.hidden:
         notes.append(
             f"skipped {len(inventory.non_dicom_files)} non-DICOM file(s), {len(inventory.dicomdir_files)} DICOMDIR, "
-            f"{len(inventory.hidden)} hidden file(s) or folder(s) and {len(inventory.other_instances)} DICOM file(s) "
-            "without Series or SOP Instance UID"
+            f"{len(inventory.hidden)} hidden file(s) or folder(s)"
         )
     if inventory.duplicate_files:
         notes.append(
             f"skipped {len(inventory.duplicate_files)} duplicate image file(s) (same SOP Instance UID), e.g. "
             f"{inventory.duplicate_files[0]}"
         )
-    for path, error in inventory.unreadable_files:
-        notes.append(f"{path}: could not be read ({error}); left out")
     if planning.datetime and daily.datetime and daily.datetime < planning.datetime:
         notes.append(f"the daily CT ({daily.datetime}) is older than the planning CT ({planning.datetime})")
     return AdaptiveSession(

@@ -25,6 +25,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume
 from prostate_jrs.geometry import image_from_array, world_to_index
 from prostate_jrs.labels import STRUCTURES, Structure, SynonymTable
@@ -183,6 +184,8 @@ def fill_even_odd(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndar
 def _contour_points(contour: Dataset) -> np.ndarray:
     """Contour Data as ``(N, 3)`` floats; parses the raw bytes when possible (much faster than pydicom's DS)."""
     element = contour.get_item(0x30060050)
+    if element is None:
+        return np.zeros(0)  # no ContourData: reported by the caller as a contour without points
     value = getattr(element, "value", None)
     if isinstance(value, bytes | bytearray):
         text = value.decode("ascii", errors="replace").strip("\x00 ")
@@ -269,9 +272,14 @@ def read_rtstruct(
     synonyms = synonyms or SynonymTable()
     image, reference_frame = _reference_frame(reference, frame_of_reference_uid)
     try:
-        ds = pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError) as err:
+        ds = read_dicom(path)
+    except pydicom.errors.InvalidDicomError as err:
         raise RTStructError(f"{path}: cannot read as DICOM ({err})") from err
+    except DamagedFileError as err:
+        # a cut structure set parses into fewer ROIs or contours without an error: never use part of it
+        raise RTStructError(
+            f"{path}: truncated or corrupt DICOM file ({err.reason}); expected a complete RTSTRUCT: re-export it"
+        ) from err
     if ds.get("Modality") != "RTSTRUCT":
         raise RTStructError(f"{path}: Modality is {ds.get('Modality')!r}; expected 'RTSTRUCT'")
 
@@ -302,13 +310,15 @@ def read_rtstruct(
         if "ReferencedROINumber" in o
     }
     contours_by_roi: dict[int, Dataset] = {}
-    for item in ds.get("ROIContourSequence", []):
-        contours_by_roi[int(item.ReferencedROINumber)] = item
+    for n, item in enumerate(ds.get("ROIContourSequence", []), start=1):
+        number = _roi_number(item, "ReferencedROINumber", path, f"ROIContourSequence (3006,0039) item {n}")
+        contours_by_roi[number] = item
     wanted = set(roi_names or ())
 
     rois: list[ROIInfo] = []
-    for roi in ds.get("StructureSetROISequence", []):
-        number, name = int(roi.ROINumber), str(roi.get("ROIName", "")).strip()
+    for n, roi in enumerate(ds.get("StructureSetROISequence", []), start=1):
+        number = _roi_number(roi, "ROINumber", path, f"StructureSetROISequence (3006,0020) item {n}")
+        name = str(roi.get("ROIName", "")).strip()
         info = ROIInfo(number=number, name=name, structure=synonyms.match(name))
         info.interpreted_type = observations.get(number, "")
         item = contours_by_roi.pop(number, None)
@@ -380,6 +390,23 @@ def read_rtstruct(
         notes=notes,
         reference=image,
     )
+
+
+def _roi_number(item: Dataset, keyword: str, path: Path, what: str) -> int:
+    """The ROI number ``keyword`` of a sequence item, as an int.
+
+    Raises:
+        RTStructError: if it is missing or not an integer (without it contours cannot be matched to their ROI).
+    """
+    value = item.get(keyword)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        tag = pydicom.datadict.tag_for_keyword(keyword) or 0
+        raise RTStructError(
+            f"{path}: {what} has {'no' if value is None else f'an invalid ({value!r})'} {keyword} "
+            f"({tag >> 16:04X},{tag & 0xFFFF:04X}); expected the ROI number that links contours to their ROI"
+        ) from None
 
 
 def _assign_structures(rois: list[ROIInfo], path: Path, notes: list[str]) -> dict[str, ROIInfo]:

@@ -1,0 +1,80 @@
+"""``read_dicom``: truncated or corrupt files are refused with their path, never read in part."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+
+from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+
+FIXTURES = Path(__file__).resolve().parents[2] / "../shared/fixtures/real/rtstruct_mim"
+
+
+def _cut(source: Path, target: Path, keep: float) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+def test_complete_files_are_read() -> None:
+    ds = read_dicom(FIXTURES / "ct_1.dcm")
+    assert ds.Modality == "CT" and len(ds.PixelData) == 512 * 512 * 2
+    header = read_dicom(FIXTURES / "dummy_rt.dcm", stop_before_pixels=True, specific_tags=["Modality"])
+    assert header.Modality == "RTSTRUCT"
+
+
+def test_truncated_pixel_data_is_refused(tmp_path: Path) -> None:
+    # pydicom itself reads this without a word and returns half the pixel data
+    cut = _cut(FIXTURES / "ct_1.dcm", tmp_path / "half.dcm", 0.5)
+    assert len(pydicom.dcmread(cut).PixelData) < 512 * 512 * 2
+    with pytest.raises(DamagedFileError, match=r"half\.dcm: truncated .*\(7FE0,0010\) declares 524288 bytes") as info:
+        read_dicom(cut)
+    assert info.value.path == cut and info.value.dataset is not None
+    assert info.value.dataset.SeriesInstanceUID  # what was read before the cut identifies the series
+    # the header alone ends before the cut: a header scan cannot see it (the CT reader reads the pixels too)
+    assert read_dicom(cut, stop_before_pixels=True).Modality == "CT"
+
+
+def test_cut_inside_the_header_is_refused(tmp_path: Path) -> None:
+    cut = _cut(FIXTURES / "ct_1.dcm", tmp_path / "head.dcm", 600 / 527812)
+    with pytest.raises(DamagedFileError, match=r"head\.dcm: .*declares 6 bytes but the file ends after 2"):
+        read_dicom(cut)
+    with pytest.raises(DamagedFileError, match="Transfer Syntax UID"):
+        read_dicom(_cut(FIXTURES / "ct_1.dcm", tmp_path / "meta.dcm", 140 / 527812))
+
+
+def test_garbage_after_the_dicm_prefix_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\0" * 128 + b"DICM" + random.Random(0).randbytes(4000))
+    with pytest.raises(DamagedFileError, match=r"junk\.dcm: truncated or corrupt"):
+        read_dicom(junk)
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM at all")
+    with pytest.raises(pydicom.errors.InvalidDicomError):  # not damaged DICOM: callers skip it
+        read_dicom(text)
+
+
+def test_cut_inside_an_undefined_length_sequence_is_refused(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTStructureSetStorage, "1.2.826.0.1.3680043.8.498.1", "RTSTRUCT"
+    items = []
+    for number in range(1, 41):
+        item = Dataset()
+        item.ROINumber, item.ROIName = number, f"ROI {number}"
+        items.append(item)
+    ds.StructureSetROISequence = DicomSequence(items)
+    ds["StructureSetROISequence"].is_undefined_length = True
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    whole = tmp_path / "rs.dcm"
+    pydicom.dcmwrite(whole, ds, enforce_file_format=True)
+    assert len(read_dicom(whole).StructureSetROISequence) == 40
+    with pytest.raises(DamagedFileError, match=r"cut\.dcm: truncated or corrupt"):
+        read_dicom(_cut(whole, tmp_path / "cut.dcm", 0.5))
