@@ -39,6 +39,22 @@ def test_shifted_ball_gives_expected_distances_in_mm():
     assert result.reference_volume_ml == pytest.approx(4 / 3 * math.pi * 16**3 / 1000, rel=0.1)
 
 
+def test_background_around_the_structures_does_not_change_any_metric():
+    spacing = (1.5, 1.0, 3.0)
+    reference = np.zeros((24, 26, 14), np.uint8)
+    reference[_ball(reference.shape, (15, 12, 18), 7, spacing)] = 1
+    reference[_ball(reference.shape, (15, 20, 24), 4, spacing)] = 2
+    prediction = np.roll(reference, (1, -2, 1), axis=(0, 1, 2))
+    prediction[0, 0, 0] = 3  # a stray voxel at the corner: the box must reach it
+    small = structure_metrics(prediction, reference, spacing)
+    pad = ((30, 5), (2, 40), (9, 9))
+    large = structure_metrics(np.pad(prediction, pad), np.pad(reference, pad), spacing)
+    for name in small:
+        for key, value in small[name].as_dict().items():
+            other = large[name].as_dict()[key]
+            assert (math.isnan(value) and math.isnan(other)) or value == pytest.approx(other, rel=1e-6), (name, key)
+
+
 def test_shape_and_spacing_are_checked():
     with pytest.raises(ValueError, match="differ in shape"):
         structure_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))

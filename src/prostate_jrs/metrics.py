@@ -71,6 +71,21 @@ def _one_hot(label_map: np.ndarray | torch.Tensor) -> torch.Tensor:
     return one_hot(labels[None, None], num_classes=NUM_CLASSES, dim=1)
 
 
+def _foreground_box(prediction: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both label maps cropped to the box of their joint foreground plus one voxel (edges need a background rim).
+
+    Every metric is unchanged by the crop, and a clinical daily grid is mostly background: the metrics then cost
+    a fraction of the time.
+    """
+    foreground = np.argwhere((prediction > 0) | (reference > 0))
+    if foreground.size == 0:
+        return prediction, reference
+    start = np.maximum(foreground.min(axis=0) - 1, 0)
+    stop = foreground.max(axis=0) + 2
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+    return prediction[box], reference[box]
+
+
 def structure_metrics(
     prediction: np.ndarray | torch.Tensor,
     reference: np.ndarray | torch.Tensor,
@@ -95,6 +110,7 @@ def structure_metrics(
         raise ValueError(f"label maps differ in shape: {prediction_array.shape} vs {reference_array.shape}")
     if len(spacing) != prediction_array.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match a {prediction_array.ndim}-D label map")
+    prediction_array, reference_array = _foreground_box(prediction_array, reference_array)
     pred_onehot, ref_onehot = _one_hot(prediction_array), _one_hot(reference_array)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     spacing_list = [float(s) for s in spacing]
