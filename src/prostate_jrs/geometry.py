@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 __all__ = [
+    "affine_transform",
     "array_from_image",
     "identity_grid",
     "image_from_array",
@@ -48,6 +49,15 @@ def image_from_array(array: np.ndarray, reference: sitk.Image, is_vector: bool =
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(order)), isVector=is_vector)
     image.CopyInformation(reference)
     return image
+
+
+def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 world map (e.g. daily -> planning) as the transform ``sitk.Resample`` takes (output -> input points)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return transform
 
 
 def index_to_world(image: sitk.Image) -> np.ndarray:

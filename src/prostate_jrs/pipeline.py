@@ -46,7 +46,13 @@ from torch import nn
 
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS
 from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, restore_to_daily_grid
-from prostate_jrs.geometry import array_from_image, image_from_array, index_to_world, world_to_index
+from prostate_jrs.geometry import (
+    affine_transform,
+    array_from_image,
+    image_from_array,
+    index_to_world,
+    world_to_index,
+)
 from prostate_jrs.inferers import ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.qa import quality_report
@@ -481,13 +487,6 @@ def _restore(
     )
 
 
-def _affine_transform(daily_to_planning: np.ndarray) -> sitk.AffineTransform:
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(daily_to_planning[:3, :3].ravel().tolist())
-    transform.SetTranslation(daily_to_planning[:3, 3].tolist())
-    return transform
-
-
 def _scale(hu: np.ndarray, settings: PipelineSettings) -> np.ndarray:
     scaled = (hu - settings.hu_min) / (settings.hu_max - settings.hu_min) * 2.0 - 1.0
     return np.clip(scaled, -1.0, 1.0).astype(np.float32)
@@ -540,7 +539,7 @@ def run_pipeline(
     grid = model_grid(
         daily_ct, labels, planning_ct, rigid.daily_to_planning, settings.model_spacing, settings.crop_margin_mm
     )
-    to_planning = _affine_transform(rigid.daily_to_planning)
+    to_planning = affine_transform(rigid.daily_to_planning)
     # the network sees real anatomy, not padding, for its border around the grid (ValidPatchInferer.includes_context)
     border = (settings.patch_size - settings.output_size) // 2
     context_grid = _grown(grid, border)

@@ -1,0 +1,57 @@
+"""A seconds-fast copy of a bundle for smoke runs: its configs with tiny settings and random narrow weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prostate_jrs.nets import build_network
+
+__all__ = ["TINY_SETTINGS", "write_tiny_bundle"]
+
+#: Inference settings of the tiny copy: narrow cross-stitch on a 4 mm model grid, 56^3 tiles (16^3 output).
+TINY_SETTINGS: dict[str, Any] = {
+    "widths": [4, 8, 16],
+    "model_spacing": 4.0,
+    "crop_margin_mm": 16.0,
+    "patch_size": 56,
+    "infer_patch_size": 56,
+    "tile_batch_size": 8,
+}
+
+
+def write_tiny_bundle(source: str | Path, target: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+    """Copy ``source``'s configs to ``target`` with tiny inference settings and randomly initialised weights.
+
+    The weights are untrained (seed 0): for checking that the app, pipeline and benchmarks run, never for numbers.
+
+    Args:
+        source: a bundle folder (its ``configs/`` is copied).
+        target: the new bundle folder; must not exist.
+        settings: ``inference.json`` keys to override; defaults to :data:`TINY_SETTINGS`.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        FileExistsError: if ``target`` exists.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists():
+        raise FileExistsError(f"{target}: refusing to overwrite an existing folder with a tiny bundle")
+    values = dict(TINY_SETTINGS if settings is None else settings)
+    shutil.copytree(source / "configs", target / "configs")
+    config_file = target / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    config.update(values)
+    config_file.write_text(json.dumps(config, indent=4))
+    (target / "models").mkdir()
+    torch.manual_seed(0)
+    network = build_network(str(config.get("network_name", "cross_stitch")), config["widths"])
+    torch.save(network.state_dict(), target / "models" / "model.pt")
+    return target
