@@ -126,3 +126,16 @@ def test_rejects_a_vector_image(patient: Patient) -> None:
     vector = sitk.Compose(patient.planning.image, patient.planning.image)
     with pytest.raises(ValueError, match="scalar 3D image"):
         align_on_bone(vector, patient.planning.image)
+
+
+def test_same_seed_same_result(patient: Patient) -> None:
+    daily = patient.fractions[0]
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # ITK's threaded metric sums in a varying order
+    try:
+        first, second = (align_on_bone(daily.image, patient.planning.image, seed=5) for _ in range(2))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    np.testing.assert_array_equal(first.matrix, second.matrix)
+    with pytest.raises(ValueError, match="seed must be positive"):
+        align_on_bone(daily.image, patient.planning.image, seed=0)

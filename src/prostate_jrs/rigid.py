@@ -182,7 +182,7 @@ def align_on_bone(
     max_iterations: int = 200,
     sampling: float = 0.2,
     resample: bool = False,
-    seed: int = 0,
+    seed: int = 1,
 ) -> RigidResult:
     """Rigidly align the planning CT (``moving``) to the daily CT (``fixed``) on bone.
 
@@ -197,7 +197,8 @@ def align_on_bone(
         max_iterations: optimiser iterations per resolution level.
         sampling: fraction of the working voxels (in the daily bone mask grown by two voxels) the metric samples.
         resample: also return the planning CT resampled onto the daily grid.
-        seed: seed of the metric's random sampling (same seed, same result).
+        seed: seed of the metric's random sampling (same seed, same result); positive, since SimpleITK reads 0
+            (``sitkWallClock``) as "seed from the clock".
 
     Returns:
         The transform (daily world -> planning world), residual measures and timing.
@@ -205,8 +206,10 @@ def align_on_bone(
     Raises:
         NoBoneError: if either image holds less than ``min_bone_ml`` of bone (e.g. a water phantom, or an image
             not in HU).
-        ValueError: if an image is not a scalar 3D image.
+        ValueError: if an image is not a scalar 3D image, or ``seed`` is not positive.
     """
+    if seed <= 0:
+        raise ValueError(f"seed must be positive (0 would seed from the clock), got {seed}")
     start = time.perf_counter()
     for what, image in (("daily CT (fixed)", fixed), ("planning CT (moving)", moving)):
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
