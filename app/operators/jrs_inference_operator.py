@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator, OperatorSpec, OutputContext
 
 from prostate_jrs.pipeline import load_bundle, run_pipeline
@@ -25,12 +27,16 @@ class JRSInferenceOperator(Operator):
     Args:
         fragment: the application.
         bundle_path: the bundle folder (``configs/inference.json``, ``models/model.pt``).
-        device: torch device.
+        device: torch device; ``None`` for ``$PROSTATE_JRS_DEVICE`` if set, else the first GPU when there is one,
+            else the CPU.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, bundle_path: Path, device: str = "cpu", **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, bundle_path: Path, device: str | None = None, **kwargs: Any
+    ) -> None:
         self.bundle_path = Path(bundle_path)
-        self.device = device
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or os.environ.get("PROSTATE_JRS_DEVICE") or default
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         super().__init__(fragment, *args, **kwargs)
 
@@ -47,6 +53,6 @@ class JRSInferenceOperator(Operator):
         network, settings = load_bundle(self.bundle_path, device=self.device)
         inputs.timings["load_bundle"] = round(time.perf_counter() - start, 3)
         result = run_pipeline(inputs.planning.image, inputs.planning_labels, inputs.daily.image, network, settings)
-        self._logger.info(f"pipeline stages (s): {result.timings}")
+        self._logger.info(f"pipeline stages (s) on {self.device}: {result.timings}")
         op_output.emit(result, "result")
         op_output.emit(settings, "settings")
