@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/accuracy.py in its tiny mode (the real study is run by hand; see its docstring)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", REPO / "benchmarks" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_study_writes_tables_plots_and_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    accuracy = _load()
+    out = tmp_path / "out"
+    args = ["--tiny", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert accuracy.main([*args, "--networks", "cross_stitch", "--threads", "1"]) == 0
+    table = (out / "accuracy.md").read_text()
+    for method, path in (("identity", "reg"), ("elastix", "reg"), ("cross_stitch", "reg"), ("cross_stitch", "seg")):
+        assert f"| {method} | {path} |" in table
+    assert "Wilcoxon signed-rank" in table and "**HD95 (mm)**" in table
+    with (out / "per_case.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["method"] for r in rows} == {"identity", "elastix", "cross_stitch"}
+    assert all(0.0 <= float(r["dsc"]) <= 1.0 for r in rows)
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["budget"]["epochs"] == 1 and report["timings"]["cross_stitch"]["train_seconds"] > 0
+    assert report["budget"]["elastix_margin_mm"] == pytest.approx(16.0 + 20 * 4.0)
+    assert report["wilcoxon"]["best"].startswith("cross_stitch") and report["wilcoxon"]["n_pairs"] == 1
+    for png in ("accuracy_dsc.png", "accuracy_hd95.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+def test_wilcoxon_pairs_cases_and_picks_the_best_network() -> None:
+    accuracy = _load()
+    rows = []
+    for case in range(8):
+        for structure in accuracy.STRUCTURE_NAMES:
+            rows.append({"method": "elastix", "path": "reg", "case": f"c{case}", "structure": structure, "dsc": 0.70})
+            good = 0.80 + 0.01 * case
+            rows.append({"method": "net", "path": "reg", "case": f"c{case}", "structure": structure, "dsc": good})
+            rows.append({"method": "net", "path": "seg", "case": f"c{case}", "structure": structure, "dsc": 0.5})
+    test = accuracy.wilcoxon_against(rows, "elastix", ["net"])
+    assert test["best"] == "net (reg path)" and test["n_pairs"] == 8
+    assert test["best_mean_dsc"] == pytest.approx(0.835) and test["p_value"] < 0.01
+    assert all(p < 0.05 for p in test["per_structure_p"].values())
+    assert accuracy.wilcoxon_against(rows, "elastix", ["other"]) == {}
