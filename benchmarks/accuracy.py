@@ -159,9 +159,17 @@ def _evaluate(
     train_seconds: float,
     paths: Sequence[str],
 ) -> dict[str, Any]:
-    print(f"evaluating {label} ...", flush=True)
     configs = [args.bundle / "configs" / "train.json", args.bundle / "configs" / "evaluate.json"]
-    seconds = _bundle_run(configs, {**overrides, "output_dir": str(run / "eval")}, run / "eval.log", args.threads)
+    metrics, timing = run / "eval" / "metrics_per_case.csv", run / "eval_seconds.json"
+    checkpoint = Path(str(overrides.get("validate#handlers#0#load_path", run / "models" / "model.pt")))
+    if metrics.is_file() and timing.is_file() and metrics.stat().st_mtime > checkpoint.stat().st_mtime:
+        print(f"{label}: reusing {metrics}", flush=True)
+        seconds = json.loads(timing.read_text())["seconds"]
+    else:
+        print(f"evaluating {label} ...", flush=True)
+        overrides = {**overrides, "output_dir": str(run / "eval")}
+        seconds = _bundle_run(configs, overrides, run / "eval.log", args.threads)
+        timing.write_text(json.dumps({"seconds": seconds}))
     rows = [
         {**r, "method": label}
         for r in _read_csv(run / "eval" / "metrics_per_case.csv")
@@ -171,8 +179,12 @@ def _evaluate(
     return {"rows": rows, "ddf": ddf, "train_seconds": train_seconds, "eval_seconds": seconds}
 
 
-def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads: int) -> dict[str, Any]:
-    """Score ``identity`` or ``elastix`` on every test pair."""
+def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads: int, runs: Path) -> dict[str, Any]:
+    """Score ``identity`` or ``elastix`` on every test pair (kept in ``runs/METHOD/scores.json`` and reused)."""
+    cache = runs / method / "scores.json"
+    if cache.is_file():
+        print(f"{method}: reusing {cache}", flush=True)
+        return json.loads(cache.read_text())
     from prostate_jrs.baselines import ElastixSettings, score_baseline
     from prostate_jrs.transforms import load_datalist
 
@@ -186,7 +198,10 @@ def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads:
         rows += [{**r, "method": method} for r in score.rows]
         ddf.append({**score.ddf_row, "method": method})
         seconds.append(score.seconds)
-    return {"rows": rows, "ddf": ddf, "registration_seconds_per_pair": float(np.mean(seconds)) if seconds else 0.0}
+    result = {"rows": rows, "ddf": ddf, "registration_seconds_per_pair": float(np.mean(seconds)) if seconds else 0.0}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result, default=float))
+    return result
 
 
 def _values(rows: Sequence[Mapping[str, Any]], method: str, path: str, structure: str, metric: str) -> np.ndarray:
@@ -201,6 +216,10 @@ def _fmt(values: np.ndarray, digits: int) -> str:
     if values.size == 0:
         return "n/a"
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0, digits: int = 2) -> str:
+    return _fmt(np.array([float(r.get(key, math.nan)) for r in rows], dtype=np.float64) * scale, digits)
 
 
 def case_means(rows: Sequence[Mapping[str, Any]], method: str, path: str, metric: str = "dsc") -> dict[str, float]:
@@ -266,20 +285,34 @@ def markdown(
     heads = [SHORT[s] for s in STRUCTURE_NAMES]
     for metric, title, digits in (("dsc", "DSC", 3), ("msd_mm", "MSD (mm)", 2), ("hd95_mm", "HD95 (mm)", 2)):
         lines += [f"**{title}**, mean ± SD over the test pairs", ""]
-        extra = " folding (% of crop) | train (min) |" if metric == "dsc" else ""
+        extra = " train (min) |" if metric == "dsc" else ""
         lines.append("| method | path | " + " | ".join(heads) + " | mean |" + extra)
-        lines.append("|---" * (len(heads) + 3 + (2 if extra else 0)) + "|")
+        lines.append("|---" * (len(heads) + 3 + (1 if extra else 0)) + "|")
         for method, path in method_paths(rows):
             cells = [_fmt(_values(rows, method, path, s, metric), digits) for s in STRUCTURE_NAMES]
             means = np.array(list(case_means(rows, method, path, metric).values()))
             row = f"| {method} | {path} | " + " | ".join(cells) + f" | {_fmt(means, digits)} |"
             if extra:
-                folding = np.array([float(r["folding_fraction"]) for r in ddf if r["method"] == method]) * 100.0
-                fold = _fmt(folding, 3) if path == "reg" and folding.size else ""
                 minutes = timings.get(method, {}).get("train_seconds", math.nan) / 60.0
-                row += f" {fold} | {'' if math.isnan(minutes) else f'{minutes:.0f}'} |"
+                row += f" {'' if math.isnan(minutes) else f'{minutes:.0f}'} |"
             lines.append(row)
         lines.append("")
+    lines += [
+        "**DDF**, mean ± SD over the test pairs: folding and, against the phantom's known deformation, the "
+        "error of the planning point each daily voxel is mapped to (inside the body, within the crop)",
+        "",
+        "| method | det J <= 0 (%) | SD of det J | error mean (mm) | error p95 (mm) | registration (s/pair) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(str(r["method"]) for r in ddf):
+        mine = [r for r in ddf if r["method"] == method]
+        seconds = timings.get(method, {}).get("registration_seconds_per_pair")
+        lines.append(
+            f"| {method} | {_column(mine, 'folding_fraction', 100.0, 3)} | {_column(mine, 'jacobian_std', digits=3)} | "
+            f"{_column(mine, 'ddf_error_mean_mm')} | {_column(mine, 'ddf_error_p95_mm')} | "
+            f"{'' if seconds is None else f'{seconds:.1f}'} |"
+        )
+    lines.append("")
     if test:
         per = ", ".join(f"{SHORT[s]} p = {p:.3g}" for s, p in test["per_structure_p"].items())
         lines.append(
@@ -339,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ddf: list[dict[str, Any]] = []
     timings: dict[str, dict[str, float]] = {}
     for method in ("identity", *(() if args.no_elastix else ("elastix",))):
-        result = run_baseline(method, data, args.tiny, margin_mm, args.threads)
+        result = run_baseline(method, data, args.tiny, margin_mm, args.threads, args.runs)
         rows += result["rows"]
         ddf += result["ddf"]
         timings[method] = {"registration_seconds_per_pair": result["registration_seconds_per_pair"]}

@@ -14,8 +14,10 @@ from prostate_jrs.evaluation import (
     DEFAULT_CONTOUR_SOURCE,
     case_metrics,
     compose_contours,
+    ddf_error,
     ddf_to_grid,
     field_of_view_mask,
+    keep_largest_components,
     output_grid_affine,
     resample_to_grid,
     resolve_contour_source,
@@ -216,3 +218,34 @@ def test_update_eval_metrics(tmp_path) -> None:
     assert metrics["final_dsc_prostate"] == pytest.approx(0.7562) and metrics["ddf_folding_fraction"] == 0.0
     assert metrics["num_cases"] == 2
     assert json.loads(meta.read_text())["eval_metrics"] == metrics
+
+
+def test_ddf_error_is_the_world_distance_of_the_mapped_points() -> None:
+    affine = np.diag([2.0, 1.0, 3.0, 1.0])
+    truth = np.zeros((3, 4, 5, 6), dtype=np.float32)
+    ddf = truth.copy()
+    ddf[0] += 1.5  # 3 mm along the first axis everywhere
+    ddf[2, 0] += 1.0  # and 3 mm more along the third in the first slab
+    mask = np.ones((4, 5, 6), dtype=bool)
+    error = ddf_error(ddf, truth, affine, mask)
+    expected = np.r_[np.full(30, np.hypot(3.0, 3.0)), np.full(90, 3.0)]
+    assert error["ddf_error_mean_mm"] == pytest.approx(expected.mean())
+    assert error["ddf_error_max_mm"] == pytest.approx(np.hypot(3.0, 3.0))
+    assert error["ddf_error_p95_mm"] == pytest.approx(np.percentile(expected, 95))
+    assert math.isnan(ddf_error(ddf, truth, affine, ~mask)["ddf_error_mean_mm"])
+    with pytest.raises(ValueError, match="must both be"):
+        ddf_error(ddf[:2], truth[:2], affine)
+    with pytest.raises(ValueError, match="mask"):
+        ddf_error(ddf, truth, affine, mask[:2])
+
+
+def test_islands_of_single_organs_are_removed_but_not_seminal_vesicle_lobes() -> None:
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:10, 2:10, 2:10] = 4  # bladder
+    labels[15:17, 15:17, 15:17] = 4  # a stray bladder island
+    labels[12:14, 2:4, 2:4] = 2  # left seminal vesicle
+    labels[12:14, 8:10, 2:4] = 2  # right seminal vesicle, not touching the left
+    cleaned = keep_largest_components(labels)
+    assert cleaned.dtype == np.uint8 and cleaned.shape == labels.shape
+    assert (cleaned == 4).sum() == 8**3 and (cleaned == 2).sum() == (labels == 2).sum()
+    np.testing.assert_array_equal(keep_largest_components(labels[None])[0], cleaned)

@@ -141,6 +141,22 @@ def test_jrs_paths_on_model_grid() -> None:
         JRSPathsd(keys="pred")({"pred": pred[:5], "image": image})
 
 
+def test_jrs_paths_crop_inputs_with_context_to_the_prediction() -> None:
+    shape, border = (10, 11, 9), 2
+    planning = torch.zeros(shape)
+    planning[3:6, 4:7, 3:5] = 1
+    image = torch.stack([torch.zeros(shape), torch.zeros(shape), planning])
+    inner = tuple(s - 2 * border for s in shape)
+    pred = torch.zeros(8, *inner)
+    out = JRSPathsd(keys="pred", network_name="reg")({"pred": pred, "image": image, "fixed_label": planning[None]})
+    # zero DDF on the inner region: the planning contours of that region, which is also the label's region
+    expected = planning[border:-border, border:-border, border:-border]
+    assert torch.equal(out["reg"][0].float(), expected)
+    assert out["label_onehot"].shape == (5, *inner) and torch.equal(out["label_onehot"][1], expected)
+    with pytest.raises(ValueError, match="image of spatial shape"):
+        JRSPathsd(keys="pred")({"pred": torch.zeros(8, 9, 11, 9), "image": image})
+
+
 def test_check_labels_names_the_file() -> None:
     good = MetaTensor(torch.tensor([[[[0.0, 1.0], [4.0, 0.0]]]]), meta={"filename_or_obj": "plan_label.nii.gz"})
     check = CheckLabelsd(

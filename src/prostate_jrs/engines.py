@@ -48,7 +48,7 @@ from prostate_jrs.evaluation import (
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.losses import JRSLoss
 from prostate_jrs.metrics import deformation_quality, structure_metrics
-from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, case_name
+from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, TRUE_DDF, case_name
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
@@ -68,7 +68,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _METRICS = ("dsc", "msd_mm", "hd95_mm")
-_DDF_METRICS = ("folding_fraction", "jacobian_std", "jacobian_min", "jacobian_max")
+_DDF_METRICS = (
+    "folding_fraction",
+    "jacobian_std",
+    "jacobian_min",
+    "jacobian_max",
+    "ddf_error_mean_mm",
+    "ddf_error_p95_mm",
+    "ddf_error_max_mm",
+)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -336,10 +344,13 @@ class EvaluationWriter:
             name, result = restore_item(batch_item, output_item, self.contour_source)
             reference = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_LABEL], FIXED_LABEL)))
             patient = str(batch_item.get("patient", ""))
-            rows, ddf_row = case_metrics(result, reference, case=name, patient=patient)
+            daily = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_IMAGE], FIXED_IMAGE)))
+            true_ddf = None
+            if isinstance(batch_item.get(TRUE_DDF), str):  # phantoms know the deformation: (I, J, K, 3) NIfTI
+                true_ddf = np.moveaxis(np.asarray(LoadImage(image_only=True)(batch_item[TRUE_DDF])), -1, 0)
+            rows, ddf_row = case_metrics(result, reference, name, patient, true_ddf=true_ddf, daily_ct=daily)
             self.rows.extend(rows)
             self.ddf_rows.append(ddf_row)
-            daily = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_IMAGE], FIXED_IMAGE)))
             self._keep_slice(name, daily, reference, result.labels)
 
     def _keep_slice(self, name: str, daily: np.ndarray, reference: np.ndarray, final: np.ndarray) -> None:

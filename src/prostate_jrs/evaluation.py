@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.transforms import KeepLargestConnectedComponent
 from scipy import ndimage
 
-from prostate_jrs.labels import STRUCTURES
+from prostate_jrs.labels import SINGLE_COMPONENT_LABELS, STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
 __all__ = [
@@ -37,8 +39,10 @@ __all__ = [
     "DailyGridResult",
     "case_metrics",
     "compose_contours",
+    "ddf_error",
     "ddf_to_grid",
     "field_of_view_mask",
+    "keep_largest_components",
     "output_grid_affine",
     "resample_to_grid",
     "resolve_contour_source",
@@ -335,7 +339,8 @@ class DailyGridResult:
     Attributes:
         ddf: float32 ``(3, I, J, K)`` in voxel units of the daily grid (DESIGN.md convention).
         reg: uint8 planning label map warped by ``ddf`` (nearest neighbour) from the planning grid.
-        seg: uint8 argmax of the segmentation logits (linearly resampled before the argmax).
+        seg: uint8 argmax of the segmentation logits (linearly resampled before the argmax), largest component of
+            each single-organ label (:func:`keep_largest_components`).
         labels: uint8 final contours (:func:`compose_contours`).
         affine: the daily grid's index-to-world matrix.
         fov: boolean mask of the daily voxels the network saw (inside the model grid).
@@ -347,6 +352,28 @@ class DailyGridResult:
     labels: np.ndarray
     affine: np.ndarray
     fov: np.ndarray
+
+
+def keep_largest_components(label_map: np.ndarray) -> np.ndarray:
+    """The label map with only the largest connected component of each :data:`SINGLE_COMPONENT_LABELS` label.
+
+    A segmentation head now and then marks a few voxels of an organ far from it (e.g. bladder-like fluid in bowel);
+    a prostate, rectum or bladder is one connected organ, so those islands are removed (MONAI
+    ``KeepLargestConnectedComponent``, 26-connectivity). Removed voxels become background.
+
+    Args:
+        label_map: ``(I, J, K)`` or ``(1, I, J, K)`` integer labels.
+
+    Returns:
+        The cleaned map, same shape and dtype.
+    """
+    array = np.asarray(label_map)
+    channel_first = array if array.ndim == 4 else array[None]
+    kept = KeepLargestConnectedComponent(applied_labels=list(SINGLE_COMPONENT_LABELS), is_onehot=False)(
+        torch.as_tensor(channel_first)
+    )
+    out = np.asarray(kept).astype(array.dtype)
+    return out if array.ndim == 4 else out[0]
 
 
 def restore_to_daily_grid(
@@ -385,6 +412,7 @@ def restore_to_daily_grid(
     logits = resample_to_grid(pred[3:], pred_affine, daily_affine, shape, order=1, mode="nearest")
     seg = np.argmax(logits, axis=0).astype(np.uint8)
     seg[~fov] = 0
+    seg = keep_largest_components(seg)
     planning = np.asarray(planning_labels)
     planning = planning[None] if planning.ndim == 3 else planning
     planning = np.rint(planning).astype(np.uint8)
@@ -393,8 +421,51 @@ def restore_to_daily_grid(
     return DailyGridResult(ddf=ddf, reg=reg, seg=seg, labels=labels, affine=np.asarray(daily_affine), fov=fov)
 
 
+#: HU above which a daily voxel counts as body for the DDF error (air and couch below).
+BODY_HU = -500.0
+
+
+def ddf_error(
+    ddf: np.ndarray, true_ddf: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Distance (mm) between the planning points a DDF and the ground-truth DDF assign to each daily voxel.
+
+    Args:
+        ddf: ``(3, I, J, K)`` in voxel units of the daily grid.
+        true_ddf: the known DDF, same layout (phantoms: the datalist's ``ddf``).
+        affine: the daily grid's index-to-world matrix (mm).
+        mask: voxels to measure (e.g. body inside the network's field of view); ``None`` for all.
+
+    Returns:
+        ``ddf_error_mean_mm``, ``ddf_error_p95_mm`` and ``ddf_error_max_mm``; NaN for an empty mask.
+
+    Raises:
+        ValueError: if the fields or the mask differ in shape.
+    """
+    ddf, true_ddf = np.asarray(ddf, dtype=np.float32), np.asarray(true_ddf, dtype=np.float32)
+    if ddf.shape != true_ddf.shape or ddf.ndim != 4 or ddf.shape[0] != 3:
+        raise ValueError(f"DDFs must both be (3, I, J, K), got {ddf.shape} and {true_ddf.shape}")
+    if mask is not None and tuple(mask.shape) != ddf.shape[1:]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the DDF grid {ddf.shape[1:]}")
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3].astype(np.float32)
+    error = np.linalg.norm(np.tensordot(linear, ddf - true_ddf, axes=1), axis=0)
+    values = error[mask] if mask is not None else error.ravel()
+    if values.size == 0:
+        return {"ddf_error_mean_mm": math.nan, "ddf_error_p95_mm": math.nan, "ddf_error_max_mm": math.nan}
+    return {
+        "ddf_error_mean_mm": float(values.mean()),
+        "ddf_error_p95_mm": float(np.percentile(values, 95)),
+        "ddf_error_max_mm": float(values.max()),
+    }
+
+
 def case_metrics(
-    result: DailyGridResult, reference: np.ndarray, case: str, patient: str = ""
+    result: DailyGridResult,
+    reference: np.ndarray,
+    case: str,
+    patient: str = "",
+    true_ddf: np.ndarray | None = None,
+    daily_ct: np.ndarray | None = None,
 ) -> tuple[list[dict[str, object]], dict[str, object]]:
     """DSC, MSD and HD95 (mm) per structure and path, and DDF quality, of one case on the daily grid.
 
@@ -407,7 +478,9 @@ def case_metrics(
     Returns:
         ``(rows, ddf_row)``: one row per path and structure with keys ``case, patient, path, structure, dsc,
         msd_mm, hd95_mm, volume_ml, reference_volume_ml``; and one row with ``case, patient`` and the
-        :class:`~prostate_jrs.metrics.DeformationQuality` fields, computed inside the field of view.
+        :class:`~prostate_jrs.metrics.DeformationQuality` fields, computed inside the field of view, and, with
+        ``true_ddf`` (``(3, I, J, K)``, daily voxel units) and ``daily_ct`` (HU on the daily grid), the
+        :func:`ddf_error` inside the body (HU > :data:`BODY_HU`) within the field of view (NaN without them).
 
     Raises:
         ValueError: if the reference does not lie on the daily grid.
@@ -423,7 +496,12 @@ def case_metrics(
         for name, values in structure_metrics(label_map, ref, spacing).items():
             rows.append({"case": case, "patient": patient, "path": path, "structure": name, **values.as_dict()})
     quality = deformation_quality(result.ddf, mask=result.fov if result.fov.any() else None)
-    return rows, {"case": case, "patient": patient, **quality.as_dict()}
+    error = {"ddf_error_mean_mm": math.nan, "ddf_error_p95_mm": math.nan, "ddf_error_max_mm": math.nan}
+    if true_ddf is not None and daily_ct is not None:
+        body = np.asarray(daily_ct)
+        body = (body[0] if body.ndim == 4 else body) > BODY_HU
+        error = ddf_error(result.ddf, true_ddf, result.affine, body & result.fov)
+    return rows, {"case": case, "patient": patient, **quality.as_dict(), **error}
 
 
 def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> dict[str, float]:

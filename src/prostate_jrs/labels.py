@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_SYNONYMS",
     "LABEL_NAMES",
     "NUM_CLASSES",
+    "SINGLE_COMPONENT_LABELS",
     "STRUCTURES",
     "Structure",
     "SynonymTable",
@@ -61,6 +62,10 @@ STRUCTURES: tuple[Structure, ...] = (
 )
 
 NUM_CLASSES = len(STRUCTURES) + 1
+
+#: Labels that are one connected organ in any patient: the segmentation path keeps only its largest component of
+#: each (the seminal vesicles are left out: left and right may show as two).
+SINGLE_COMPONENT_LABELS: tuple[int, ...] = (1, 3, 4)
 
 LABEL_NAMES: dict[int, str] = {BACKGROUND: "background", **{s.label: s.name for s in STRUCTURES}}
 

@@ -22,7 +22,7 @@ from monai.data import load_decathlon_datalist
 from monai.networks.utils import one_hot
 from monai.transforms import MapTransform
 
-from prostate_jrs.evaluation import compose_contours, resolve_contour_source
+from prostate_jrs.evaluation import compose_contours, keep_largest_components, resolve_contour_source
 from prostate_jrs.inferers import warp_labels
 from prostate_jrs.labels import NUM_CLASSES
 
@@ -36,6 +36,7 @@ __all__ = [
     "MOVING_IMAGE",
     "MOVING_LABEL",
     "PRED",
+    "TRUE_DDF",
     "CheckLabelsd",
     "JRSPathsd",
     "case_name",
@@ -48,6 +49,8 @@ MOVING_LABEL = "moving_label"
 FIXED_LABEL = "fixed_label"
 IMAGE = "image"
 PRED = "pred"
+#: Ground-truth DDF of a phantom pair, when the datalist item has one (NIfTI (I, J, K, 3), daily voxel units).
+TRUE_DDF = "ddf"
 #: CT keys (linear interpolation, HU scaling) and label keys (nearest neighbour).
 IMAGE_KEYS: tuple[str, str] = (FIXED_IMAGE, MOVING_IMAGE)
 LABEL_KEYS: tuple[str, str] = (MOVING_LABEL, FIXED_LABEL)
@@ -160,13 +163,34 @@ class CheckLabelsd(MapTransform):
         return d
 
 
+def _centre_crop(volume: torch.Tensor, spatial_shape: Sequence[int], key: str) -> torch.Tensor:
+    """``volume`` (C, *S) cropped to its centred region of ``spatial_shape``.
+
+    Raises:
+        ValueError: if ``spatial_shape`` is not a centred crop of the volume (larger, or an odd difference).
+    """
+    starts = []
+    for size, target in zip(volume.shape[1:], spatial_shape, strict=True):
+        if target > size or (size - target) % 2:
+            raise ValueError(
+                f"{key} of spatial shape {tuple(volume.shape[1:])} has no centred region of shape "
+                f"{tuple(spatial_shape)}"
+            )
+        starts.append((size - target) // 2)
+    return volume[(slice(None), *(slice(s, s + n) for s, n in zip(starts, spatial_shape, strict=True)))]
+
+
 class JRSPathsd(MapTransform):
     """Both contour paths and the final contours on the model grid, from one item's ``pred``.
 
-    Adds ``ddf`` (3, *S), ``seg`` (argmax of the logits), ``reg`` (the planning label map, channel 2 of
-    ``image``, warped with the DDF by nearest neighbour, MONAI ``Warp``) and ``final`` (per-structure choice,
+    Adds ``pred_ddf`` (3, *S; not ``ddf``, the datalist's key of a phantom's true DDF), ``seg`` (argmax of the
+    logits, largest component of each single-organ label), ``reg`` (the planning label map, channel 2 of ``image``,
+    warped with the DDF by nearest neighbour, MONAI ``Warp``) and ``final`` (per-structure choice,
     :func:`prostate_jrs.evaluation.compose_contours`), each (1, *S). With ``onehot=True`` also ``<path>_onehot``
     and, when the item has it, ``label_onehot`` of the daily label map, for MONAI's ``MeanDice``.
+
+    A ``pred`` smaller than ``image`` is the centred inner region of an input that carried the network's context
+    border (``ValidPatchInferer(includes_context=True)``): the planning and daily label maps are cropped to it.
 
     Args:
         keys: the prediction key (``pred``).
@@ -202,18 +226,19 @@ class JRSPathsd(MapTransform):
             pred = torch.as_tensor(d[key]).float()
             if pred.dim() != 4 or pred.shape[0] != 3 + NUM_CLASSES:
                 raise ValueError(f"{key}: expected (8, X, Y, Z) = 3 DDF + 5 logits, got {tuple(pred.shape)}")
-            image = torch.as_tensor(d[self.image_key])
+            image = _centre_crop(torch.as_tensor(d[self.image_key]), pred.shape[1:], self.image_key)
             ddf = pred[:3]
             seg = pred[3:].argmax(dim=0, keepdim=True).to(torch.uint8)
+            seg = torch.as_tensor(keep_largest_components(seg.cpu().numpy()), device=seg.device)
             reg = warp_labels(image[None, 2:3].float(), ddf[None], mode="nearest")[0].to(torch.uint8)
             final = torch.as_tensor(
                 compose_contours(reg.cpu().numpy(), seg.cpu().numpy(), self.contour_source), device=seg.device
             )
-            d.update({"ddf": ddf, "seg": seg, "reg": reg, "final": final})
+            d.update({"pred_ddf": ddf, "seg": seg, "reg": reg, "final": final})
             if self.onehot:
                 for path in ("reg", "seg", "final"):
                     d[f"{path}_onehot"] = one_hot(d[path][None].long(), NUM_CLASSES, dim=1)[0]
                 if self.label_key in d:
-                    label = torch.as_tensor(d[self.label_key])
+                    label = _centre_crop(torch.as_tensor(d[self.label_key]), pred.shape[1:], self.label_key)
                     d["label_onehot"] = one_hot(label[None].round().long(), NUM_CLASSES, dim=1)[0].to(seg.device)
         return d

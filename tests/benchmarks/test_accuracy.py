@@ -30,7 +30,9 @@ def test_tiny_study_writes_tables_plots_and_the_test(tmp_path: Path, monkeypatch
     table = (out / "accuracy.md").read_text()
     for method, path in (("identity", "reg"), ("elastix", "reg"), ("cross_stitch", "reg"), ("cross_stitch", "seg")):
         assert f"| {method} | {path} |" in table
-    assert "Wilcoxon signed-rank" in table and "**HD95 (mm)**" in table
+    assert "Wilcoxon signed-rank" in table and "**HD95 (mm)**" in table and "**DDF**" in table
+    identity_ddf = next(line for line in table.splitlines() if line.startswith("| identity | 0.000"))
+    assert "n/a" not in identity_ddf  # the tiny phantoms know their deformation: the error is measured
     with (out / "per_case.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["method"] for r in rows} == {"identity", "elastix", "cross_stitch"}

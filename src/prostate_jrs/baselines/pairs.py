@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from prostate_jrs.baselines.elastix import ElastixSettings, register_bspline
 from prostate_jrs.evaluation import DailyGridResult, case_metrics
 from prostate_jrs.geometry import array_from_image, index_to_world, resample_with_ddf
-from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, MOVING_IMAGE, MOVING_LABEL, case_name
+from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, MOVING_IMAGE, MOVING_LABEL, TRUE_DDF, case_name
 
 __all__ = ["BASELINES", "PairScore", "contour_box", "score_baseline"]
 
@@ -35,7 +35,8 @@ class PairScore:
 
     Attributes:
         rows: one row per structure of the registration path (keys as :func:`~prostate_jrs.evaluation.case_metrics`).
-        ddf_row: DDF quality inside the crop (``folding_fraction``, ``jacobian_std``, ...).
+        ddf_row: DDF quality inside the crop (``folding_fraction``, ``jacobian_std``, ...) and, for items with a
+            ground-truth ``ddf``, its error inside the body (``ddf_error_mean_mm``, ...).
         seconds: registration time (0 for identity).
     """
 
@@ -104,5 +105,11 @@ def score_baseline(
     daily_result = DailyGridResult(
         ddf=ddf, reg=reg, seg=np.zeros_like(reg), labels=reg, affine=index_to_world(daily), fov=fov
     )
-    rows, ddf_row = case_metrics(daily_result, reference, case_name(Path(item[FIXED_IMAGE])), item.get("patient", ""))
+    true_ddf = None
+    if item.get(TRUE_DDF):  # phantom pairs know their deformation: NIfTI (I, J, K, 3) in daily voxel units
+        true_ddf = np.moveaxis(array_from_image(sitk.ReadImage(str(item[TRUE_DDF]), sitk.sitkVectorFloat32)), -1, 0)
+    name, patient = case_name(Path(item[FIXED_IMAGE])), item.get("patient", "")
+    rows, ddf_row = case_metrics(
+        daily_result, reference, name, patient, true_ddf=true_ddf, daily_ct=array_from_image(daily)
+    )
     return PairScore([r for r in rows if r["path"] == "reg"], ddf_row, seconds)
