@@ -209,14 +209,16 @@ def test_update_eval_metrics(tmp_path) -> None:
     ]
     table = summarize(rows, ["path", "structure"], ["dsc", "msd_mm"])
     table += summarize(
-        [{"path": "ddf", "structure": "all", "folding_fraction": 0.0}], ["path", "structure"], ["folding_fraction"]
+        [{"path": "ddf", "structure": "all", "folding_fraction": 0.0, "ddf_error_mean_mm": 2.5}],
+        ["path", "structure"],
+        ["folding_fraction", "ddf_error_mean_mm"],
     )
     summary = write_csv(tmp_path / "summary.csv", table)
     meta = tmp_path / "metadata.json"
     meta.write_text(json.dumps({"version": "0.1.0", "eval_metrics": {}}))
     metrics = update_eval_metrics(meta, summary)
     assert metrics["final_dsc_prostate"] == pytest.approx(0.7562) and metrics["ddf_folding_fraction"] == 0.0
-    assert metrics["num_cases"] == 2
+    assert metrics["num_cases"] == 2 and metrics["ddf_error_mean_mm"] == 2.5
     assert json.loads(meta.read_text())["eval_metrics"] == metrics
 
 

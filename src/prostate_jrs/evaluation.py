@@ -527,7 +527,11 @@ def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> d
         raise ValueError(f"{summary_csv}: no rows; run the bundle's evaluate.json first")
     metrics: dict[str, float] = {}
     for row in rows:
-        key = f"ddf_{row['metric']}" if row["path"] == "ddf" else f"{row['path']}_{row['metric']}_{row['structure']}"
+        metric = str(row["metric"])
+        if row["path"] == "ddf":
+            key = metric if metric.startswith("ddf_") else f"ddf_{metric}"
+        else:
+            key = f"{row['path']}_{metric}_{row['structure']}"
         value = float(row["mean"])
         metrics[key] = value if math.isnan(value) else float(f"{value:.4g}")
     metrics["num_cases"] = max(int(row["n"]) for row in rows)
