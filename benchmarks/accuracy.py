@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from prostate_jrs.timing import hardware_info
+from prostate_jrs.tiny_bundle import TINY_TRAINING
 
 REPO = Path(__file__).resolve().parent.parent
 STRUCTURE_NAMES = ("prostate", "seminal_vesicles", "rectum", "bladder")
@@ -55,16 +56,6 @@ NETWORK_PATHS = {
     "dense": ("reg", "seg"),
     "sedd": ("reg", "seg"),
     "cross_stitch": ("reg", "seg"),
-}
-#: Bundle overrides of the tiny mode (as tests/bundle/conftest.py).
-TINY_OVERRIDES: dict[str, Any] = {
-    "model_spacing": 4.0,
-    "crop_margin_mm": 16.0,
-    "patch_size": 56,
-    "patches_per_pair": 1,
-    "batch_size": 1,
-    "tile_batch_size": 8,
-    "widths": [4, 8, 16],
 }
 
 
@@ -356,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset_dir": str(data),
         "num_workers": 0,
         "show_progress": False,
-        **(TINY_OVERRIDES if args.tiny else {}),
+        **(TINY_TRAINING if args.tiny else {}),
     }
     # the elastix crop is the network's input box: output margin plus the network's context border
     from monai.bundle import ConfigParser

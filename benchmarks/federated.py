@@ -36,17 +36,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prostate_jrs.tiny_bundle import TINY_TRAINING
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 JOB = REPO / "federated" / "job.py"
 #: Bundle settings for a CPU run (as tests/bundle/conftest.py), no validation inside training for both arms.
 TINY: dict[str, Any] = {
-    "model_spacing": 4.0,
-    "crop_margin_mm": 16.0,
-    "patch_size": 56,
-    "patches_per_pair": 1,
-    "batch_size": 1,
-    "tile_batch_size": 8,
+    **{key: value for key, value in TINY_TRAINING.items() if key != "widths"},  # --widths chooses them
     "val_interval": 100000,
     "num_workers": 0,
     "cache_rate": 0.0,

@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_edits import edit_rois
 
 from prostate_jrs.dicom.rtstruct_reader import RTStructError
 from prostate_jrs.dicom_session import load_session, qa_document
@@ -33,23 +34,9 @@ def _copy(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     return folder, next(folder.glob("RS.*.dcm"))
 
 
-def _edit_rois(path: Path, rename: dict[str, str] | None = None, remove: tuple[str, ...] = ()) -> None:
-    """Rename ROIs and remove ROIs (with their contours and observations) in an RTSTRUCT."""
-    ds = pydicom.dcmread(path)
-    removed = {int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName in remove}
-    for roi in ds.StructureSetROISequence:
-        roi.ROIName = (rename or {}).get(roi.ROIName, roi.ROIName)
-    ds.StructureSetROISequence = [r for r in ds.StructureSetROISequence if int(r.ROINumber) not in removed]
-    ds.ROIContourSequence = [c for c in ds.ROIContourSequence if int(c.ReferencedROINumber) not in removed]
-    ds.RTROIObservationsSequence = [
-        o for o in ds.RTROIObservationsSequence if int(o.ReferencedROINumber) not in removed
-    ]
-    ds.save_as(path)
-
-
 def test_some_structures_missing_are_reported(session_folder: Path, tmp_path: Path) -> None:
     folder, rtstruct = _copy(session_folder, tmp_path)
-    _edit_rois(rtstruct, rename={"SV": "Spacer"}, remove=("Rectum",))
+    edit_rois(rtstruct, rename={"SV": "Spacer"}, remove=("Rectum",))
     inputs = load_session(folder)
     assert inputs.contours.missing_structures == ["seminal_vesicles", "rectum"]
     assert inputs.contours.unmapped_rois == ["Spacer", "BODY"]
@@ -69,7 +56,7 @@ def test_some_structures_missing_are_reported(session_folder: Path, tmp_path: Pa
 
 def test_rtstruct_without_any_structure_is_refused(session_folder: Path, tmp_path: Path) -> None:
     folder, rtstruct = _copy(session_folder, tmp_path)
-    _edit_rois(rtstruct, rename={"Prostate": "Target", "SV": "Spacer", "Rectum": "Gut", "Bladder": "Vesica X"})
+    edit_rois(rtstruct, rename={"Prostate": "Target", "SV": "Spacer", "Rectum": "Gut", "Bladder": "Vesica X"})
     with pytest.raises(
         RTStructError,
         match=r"no ROI gives any of the structures prostate, seminal_vesicles, rectum, bladder \(ROIs found: "

@@ -12,7 +12,7 @@ import torch
 
 from prostate_jrs.nets import build_network
 
-__all__ = ["TINY_SETTINGS", "write_tiny_bundle"]
+__all__ = ["TINY_SETTINGS", "TINY_TRAINING", "write_tiny_bundle"]
 
 #: Inference settings of the tiny copy: narrow cross-stitch on a 4 mm model grid, 56^3 tiles (16^3 output).
 TINY_SETTINGS: dict[str, Any] = {
@@ -22,6 +22,19 @@ TINY_SETTINGS: dict[str, Any] = {
     "patch_size": 56,
     "infer_patch_size": 56,
     "tile_batch_size": 8,
+}
+
+
+#: Overrides of ``train.json`` (and the evaluate/inference configs merged with it) for seconds-long CPU runs: 4 mm
+#: model grid, one 56^3 patch per pair (16^3 output), narrow cross-stitch; front ends add their epochs and workers.
+TINY_TRAINING: dict[str, Any] = {
+    "model_spacing": 4.0,
+    "crop_margin_mm": 16.0,
+    "patch_size": 56,
+    "patches_per_pair": 1,
+    "batch_size": 1,
+    "tile_batch_size": 8,
+    "widths": [4, 8, 16],
 }
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 import pytest
+from dicom_edits import edit_rois
 
 from prostate_jrs.phantom import PhantomConfig, write_dataset
 from prostate_jrs.phantom.dicom_export import export_dicom_sessions
@@ -76,20 +77,6 @@ def _edit(paths: list[Path], **values: object) -> None:
         ds.save_as(path)
 
 
-def _edit_rois(path: Path, rename: dict[str, str] | None = None, remove: tuple[str, ...] = ()) -> None:
-    """Rename ROIs and remove ROIs (with their contours and observations) in an RTSTRUCT."""
-    ds = pydicom.dcmread(path)
-    removed = {int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName in remove}
-    for roi in ds.StructureSetROISequence:
-        roi.ROIName = (rename or {}).get(roi.ROIName, roi.ROIName)
-    ds.StructureSetROISequence = [r for r in ds.StructureSetROISequence if int(r.ROINumber) not in removed]
-    ds.ROIContourSequence = [c for c in ds.ROIContourSequence if int(c.ReferencedROINumber) not in removed]
-    ds.RTROIObservationsSequence = [
-        o for o in ds.RTROIObservationsSequence if int(o.ReferencedROINumber) not in removed
-    ]
-    ds.save_as(path)
-
-
 def _cut(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -127,7 +114,7 @@ def rtstruct_of_another_patient(folder: Path, uids: dict[str, str]) -> list[str]
 
 def no_roi_maps_to_a_structure(folder: Path, uids: dict[str, str]) -> list[str]:
     rtstruct = _rtstruct(folder)
-    _edit_rois(rtstruct, rename={"Prostate": "Target", "SV": "Spacer", "Rectum": "Gut", "Bladder": "Vesica X"})
+    edit_rois(rtstruct, rename={"Prostate": "Target", "SV": "Spacer", "Rectum": "Gut", "Bladder": "Vesica X"})
     return [rtstruct.name, "no ROI gives any of the structures", "'Target', 'Spacer', 'Gut', 'Vesica X', 'BODY'"]
 
 
@@ -274,7 +261,7 @@ def test_missing_structures_and_unknown_rois_are_reported(
 ) -> None:
     """No rectum, the vesicles under a name no synonym knows: the app proceeds and says so in qa.json."""
     folder = Path(shutil.copytree(study.folder, tmp_path / "in"))
-    _edit_rois(_rtstruct(folder), rename={"SV": "Spacer"}, remove=("Rectum",))
+    edit_rois(_rtstruct(folder), rename={"SV": "Spacer"}, remove=("Rectum",))
     out = tmp_path / "out"
 
     result = run_app(["-i", str(folder), "-o", str(out), "-m", str(bundle)], tmp_path)

@@ -12,16 +12,11 @@ from typing import Any
 import pytest
 
 from prostate_jrs.phantom import PhantomConfig, write_dataset
+from prostate_jrs.tiny_bundle import TINY_TRAINING
 
 #: Tiny CPU run: 4 mm model grid, 56^3 patches (16^3 output), narrow cross-stitch, one epoch, no workers.
 _TINY: dict[str, Any] = {
-    "model_spacing": 4.0,
-    "crop_margin_mm": 16.0,
-    "patch_size": 56,
-    "patches_per_pair": 1,
-    "batch_size": 1,
-    "tile_batch_size": 8,
-    "widths": [4, 8, 16],
+    **TINY_TRAINING,
     "epochs": 1,
     "val_interval": 1,
     "num_workers": 0,

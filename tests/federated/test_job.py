@@ -22,6 +22,7 @@ import torch
 
 from prostate_jrs.nets import build_network
 from prostate_jrs.phantom import PhantomConfig, write_multisite_dataset
+from prostate_jrs.tiny_bundle import TINY_TRAINING
 
 pytest.importorskip("nvflare")
 pytest.importorskip("ignite")
@@ -30,15 +31,10 @@ REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "federated" / "job.py"
 WIDTHS = [4, 8, 16]
 JOB_NAME = "jrs_ci"
-#: The bundle tests' tiny settings (tests/bundle/conftest.py), plus no local validation inside training: the
+#: The library's tiny training settings, plus no local validation inside training: the
 #: client validates every incoming global model itself.
 TINY: dict[str, Any] = {
-    "model_spacing": 4.0,
-    "crop_margin_mm": 16.0,
-    "patch_size": 56,
-    "patches_per_pair": 1,
-    "batch_size": 1,
-    "tile_batch_size": 8,
+    **{key: value for key, value in TINY_TRAINING.items() if key != "widths"},  # WIDTHS go in as --widths
     "val_interval": 1000,
     "num_workers": 0,
     "cache_rate": 0.0,
