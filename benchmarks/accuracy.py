@@ -152,7 +152,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     configs = [args.bundle / "configs" / "train.json", args.bundle / "configs" / "evaluate.json"]
     metrics, timing = run / "eval" / "metrics_per_case.csv", run / "eval_seconds.json"
-    checkpoint = Path(str(overrides.get("validate#handlers#0#load_path", run / "models" / "model.pt")))
+    checkpoint = Path(str(overrides.get("validate#handlers#0#load_path", Path(overrides["ckpt_dir"]) / "model.pt")))
     if metrics.is_file() and timing.is_file() and metrics.stat().st_mtime > checkpoint.stat().st_mtime:
         print(f"{label}: reusing {metrics}", flush=True)
         seconds = json.loads(timing.read_text())["seconds"]
@@ -257,11 +257,13 @@ def wilcoxon_against(rows: Sequence[Mapping[str, Any]], baseline: str, networks:
         "baseline_mean_dsc": float(b.mean()),
         "p_value": float(wilcoxon(a, b).pvalue) if len(cases) > 1 and np.any(a != b) else math.nan,
         "per_structure_p": {},
+        "per_structure_mean_dsc": {},
     }
     for structure in STRUCTURE_NAMES:
         x, y = _values(rows, *best, structure, "dsc"), _values(rows, baseline, "reg", structure, "dsc")
         ok = len(x) == len(y) and len(x) > 1 and np.any(x != y)
         result["per_structure_p"][structure] = float(wilcoxon(x, y).pvalue) if ok else math.nan
+        result["per_structure_mean_dsc"][structure] = (float(np.mean(x)), float(np.mean(y)))
     return result
 
 
@@ -305,7 +307,11 @@ def markdown(
         )
     lines.append("")
     if test:
-        per = ", ".join(f"{SHORT[s]} p = {p:.3g}" for s, p in test["per_structure_p"].items())
+        per = ", ".join(
+            f"{SHORT[s]} {test['per_structure_mean_dsc'][s][0]:.3f} vs {test['per_structure_mean_dsc'][s][1]:.3f}, "
+            f"p = {p:.3g}"
+            for s, p in test["per_structure_p"].items()
+        )
         lines.append(
             f"Wilcoxon signed-rank (paired, two-sided, per-case mean DSC over the four structures, n = "
             f"{test['n_pairs']}): {test['best']} {test['best_mean_dsc']:.3f} vs {test['baseline']} "
@@ -380,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ddf += result["ddf"]
         timings[label] = {"eval_seconds": result["eval_seconds"]}
 
-    test = wilcoxon_against(rows, "elastix", args.networks) if not args.no_elastix else {}
+    candidates = [*args.networks, *({str(r["method"]) for r in rows} - {*args.networks, "identity", "elastix"})]
+    test = wilcoxon_against(rows, "elastix", candidates) if not args.no_elastix else {}
     table = markdown(rows, ddf, timings, test)
     args.out.mkdir(parents=True, exist_ok=True)
     columns = ["method", "case", "patient", "path", "structure", "dsc", "msd_mm", "hd95_mm"]
