@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 import pytest
+from script_loader import load_script
 
 from prostate_jrs.dicom.ct_reader import read_ct_series
 from prostate_jrs.dicom.registration import read_deformable_registration
@@ -137,11 +137,7 @@ def _app_module() -> ModuleType:
     """``app/app.py`` imported in-process (its folder on ``sys.path`` for ``operators``, as ``python app`` has it)."""
     if str(REPO / "app") not in sys.path:
         sys.path.insert(0, str(REPO / "app"))
-    spec = importlib.util.spec_from_file_location("prostate_jrs_deploy_app", REPO / "app" / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "app" / "app.py", "prostate_jrs_deploy_app")
 
 
 def test_bundle_path_resolution(bundle: Path, tmp_path: Path) -> None:

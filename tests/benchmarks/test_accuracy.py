@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", REPO / "benchmarks" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "accuracy.py", "benchmark_accuracy")
 
 
 def test_tiny_study_writes_tables_plots_and_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

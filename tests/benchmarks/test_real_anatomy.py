@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from script_loader import load_script
 
 from prostate_jrs.geometry import array_from_image, image_from_array, index_to_world, world_to_index
 from prostate_jrs.metrics import jacobian_determinant
@@ -41,11 +41,7 @@ SETUP_ONLY = MotionRanges(
 
 def _benchmark() -> ModuleType:
     """benchmarks/real_anatomy.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("real_anatomy", REPO / "benchmarks" / "real_anatomy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "real_anatomy.py", "real_anatomy")
 
 
 def _ct(shape: tuple[int, int, int], spacing: float, direction: tuple[float, ...]) -> sitk.Image:

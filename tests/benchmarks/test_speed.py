@@ -6,7 +6,6 @@ has run no torch operation yet, and a pytest session may have run some. No timin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from script_loader import load_script
 
 from prostate_jrs.geometry import affine_transform, array_from_image, resample_with_ddf
 
@@ -80,11 +80,7 @@ def test_json_numbers_are_positive(report: Path) -> None:
 
 
 def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "benchmark_speed")
 
 
 def _rotation(degrees: tuple[float, float, float]) -> np.ndarray:

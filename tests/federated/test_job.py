@@ -6,7 +6,6 @@ The simulator runs as a subprocess with the exact command of DESIGN.md, so the t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from script_loader import load_script
 
 from prostate_jrs.nets import build_network
 from prostate_jrs.phantom import PhantomConfig, write_multisite_dataset
@@ -59,12 +59,7 @@ def _files(root: Path, skip: Iterable[Path] = ()) -> list[Path]:
 
 
 def _load_job_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("federated_job", JOB)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(JOB, "federated_job")
 
 
 @pytest.fixture(scope="module")
