@@ -19,7 +19,8 @@ Usage::
         [--out benchmarks/results/accuracy] [--tiny]
 
 ``--data`` is made by ``prostate-jrs synth`` with the given options when it holds no ``datalist.json``. Trained
-networks are kept under ``--runs`` and reused when their checkpoint exists (delete it to retrain). ``--tiny``
+networks are kept under ``--runs`` and reused when their checkpoint exists and was trained for the same ``--epochs``
+(a checkpoint of another budget stops the run; delete it to retrain). ``--tiny``
 shrinks everything (3 patients, 4 mm, narrow networks, 1 epoch, short elastix) so CI can run the whole script.
 """
 
@@ -122,12 +123,30 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _check_budget(run: Path, epochs: int) -> None:
+    """Refuse to reuse a checkpoint trained with another budget: every network must get the same one.
+
+    Raises:
+        ValueError: if ``run/models/model_final.pt`` exists and ``run/budget.json`` is missing or names other epochs.
+    """
+    if not (run / "models" / "model_final.pt").is_file():
+        return
+    budget = run / "budget.json"
+    trained = json.loads(budget.read_text()).get("epochs") if budget.is_file() else None
+    if trained != epochs:
+        raise ValueError(
+            f"{run / 'models' / 'model_final.pt'} was trained for {trained or 'an unknown number of'} epochs "
+            f"({budget}), not --epochs {epochs}; delete {run} to retrain it or use another --runs"
+        )
+
+
 def run_network(name: str, args: argparse.Namespace, common: Mapping[str, Any]) -> dict[str, Any]:
     """Train (unless its checkpoint exists) and evaluate one network; returns its rows and timings."""
     run = args.runs / name
     models = run / "models"
     overrides = {**common, "network_name": name, "ckpt_dir": str(models)}
     train_seconds = math.nan
+    _check_budget(run, args.epochs)
     if not (models / "model_final.pt").is_file():
         print(f"training {name} for {args.epochs} epochs ...", flush=True)
         # no validation during training: every network is scored at the end of the same budget, no model selection

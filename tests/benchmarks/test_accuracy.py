@@ -55,3 +55,17 @@ def test_wilcoxon_pairs_cases_and_picks_the_best_network() -> None:
     assert test["best_mean_dsc"] == pytest.approx(0.835) and test["p_value"] < 0.01
     assert all(p < 0.05 for p in test["per_structure_p"].values())
     assert accuracy.wilcoxon_against(rows, "elastix", ["other"]) == {}
+
+
+def test_a_checkpoint_of_another_budget_is_not_reused(tmp_path: Path) -> None:
+    accuracy = _load()
+    run = tmp_path / "sedd"
+    accuracy._check_budget(run, 50)  # nothing trained yet: train
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "model_final.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown number of epochs.*--epochs 50; delete .*sedd"):
+        accuracy._check_budget(run, 50)
+    (run / "budget.json").write_text(json.dumps({"epochs": 10, "seconds": 1.0}))
+    with pytest.raises(ValueError, match=r"trained for 10 epochs .*not --epochs 50"):
+        accuracy._check_budget(run, 50)
+    accuracy._check_budget(run, 10)
