@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-EXTRAS ?= app,fl,bench,dev
+EXTRAS ?= cpu,app,fl,bench,dev,node
 DEMO_OUT ?= demo_out
 
 .PHONY: venv demo test lint clean

@@ -8,17 +8,19 @@ Graph (input and output stages are separate operators; each is a thin wrapper ov
                                                                 QAWriter ----------/
 
 Writers stage their files in a hidden folder inside the output folder; Publish moves them into place once all are
-written (``qa.json`` last), so the output folder holds complete results or none. :func:`main` removes the staging
-folder when a run fails and turns the errors a user can act on into a one-line message and exit status 1.
+written (``qa.json`` last, an older one removed first), so the output folder holds one complete result or none.
+:func:`main` holds the output folder for the run (a second run into it is refused), completes or removes what runs
+that died there left (:func:`prostate_jrs.output_folder.recover`), removes its staging folder when it fails and turns
+the errors a user can act on into a one-line message and exit status 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,16 +36,16 @@ from operators import (
     SessionLoaderOperator,
 )
 
-from prostate_jrs.dicom.ct_reader import CTSeriesError
-from prostate_jrs.dicom.discovery import DicomSelectionError
-from prostate_jrs.dicom.rtstruct_reader import RTStructError
-from prostate_jrs.dicom_session import discard
-from prostate_jrs.pipeline import BundleError, PipelineError
+from prostate_jrs.backends import BACKENDS
+from prostate_jrs.dicom_session import SESSION_ERRORS, discard
+from prostate_jrs.output_folder import new_staging, output_lock, recover
+from prostate_jrs.pipeline import BundleError
+from prostate_jrs.refine import REFINE_MODES
 
 __all__ = ["ProstateJRSApp", "main", "resolve_bundle"]
 
 _REPO_BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
-_USER_ERRORS = (DicomSelectionError, CTSeriesError, RTStructError, PipelineError, BundleError, FileNotFoundError)
+_USER_ERRORS = SESSION_ERRORS
 
 
 def _model_argument(argv: Sequence[str]) -> str | None:
@@ -86,12 +88,29 @@ def resolve_bundle(argv: Sequence[str]) -> Path:
     )
 
 
+def parse_app_options(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The app's own options and the command line left for the SDK (``-i``, ``-o``, ``-m``, ``-l``, ...).
+
+    ``--refine off|fast|accurate`` (default ``$PROSTATE_JRS_REFINE``, else the bundle's ``refine#mode``) sets the
+    test-time refinement of the deformation; the mode used is recorded in ``qa.json``. ``--backend
+    auto|torch|openvino|onnxruntime`` (default ``$PROSTATE_JRS_BACKEND``, else the bundle's ``backend``, ``auto``:
+    OpenVINO on the CPU, torch on a GPU) says what runs the network; the one used is recorded in ``qa.json``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--refine", choices=sorted(REFINE_MODES), default=os.environ.get("PROSTATE_JRS_REFINE"))
+    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("PROSTATE_JRS_BACKEND"))
+    options, rest = parser.parse_known_args(list(argv[1:]))
+    return options, [argv[0], *rest]
+
+
 class ProstateJRSApp(Application):
     """Joint registration and segmentation of a daily prostate CT from the planning CT and RTSTRUCT.
 
     Inputs (``-i``): a folder with the planning CT series, the planning RTSTRUCT and the daily CT series.
     Outputs (``-o``): ``rtstruct.dcm``, ``seg.dcm``, ``registration.dcm``, ``qa.json``, ``qa.png``.
     Model (``-m``): the bundle folder (default: the repository's ``bundle/``).
+    Refinement (``--refine off|fast|accurate``): test-time refinement of the deformation (default: the bundle's).
+    Network backend (``--backend auto|torch|openvino|onnxruntime``): what runs the network (default: the bundle's).
     """
 
     name = "prostate-jrs"
@@ -99,9 +118,9 @@ class ProstateJRSApp(Application):
     version = "0.1.0"
 
     def __init__(self, argv: Sequence[str] | None = None, *args: object, **kwargs: object) -> None:
-        # Holoscan strips the program name from self.argv, but init_app_context parses argv[1:]
-        # (shared/docs/STACK.md section 3): keep the full command line for it
-        self.cli_argv = list(sys.argv if argv is None else argv)
+        # Holoscan strips the program name from self.argv, but init_app_context parses argv[1:]: keep the full
+        # command line for it, without the app's own options, which the SDK's parser would refuse
+        self.run_options, self.cli_argv = parse_app_options(list(sys.argv if argv is None else argv))
         self.staging: Path | None = None
         self.output_folder: Path | None = None
         super().__init__(self.cli_argv, *args, **kwargs)
@@ -112,11 +131,17 @@ class ProstateJRSApp(Application):
         bundle = resolve_bundle(self.cli_argv)
         input_folder = Path(context.input_path)
         self.output_folder = Path(context.output_path)
-        self.staging = self.output_folder / f".prostate-jrs.partial-{uuid.uuid4().hex[:12]}"
+        self.staging = new_staging(self.output_folder)  # stamped: a later run can tell whether this one died
         logging.info(f"input {input_folder}, output {self.output_folder}, bundle {bundle}")
 
         loader = SessionLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="session_loader")
-        inference = JRSInferenceOperator(self, bundle_path=bundle, name="jrs_inference")
+        inference = JRSInferenceOperator(
+            self,
+            bundle_path=bundle,
+            refine=self.run_options.refine,
+            backend=self.run_options.backend,
+            name="jrs_inference",
+        )
         writers = {
             "rtstruct": RTStructWriterOperator(self, staging=self.staging, name="rtstruct_writer"),
             "seg": SegWriterOperator(self, staging=self.staging, name="seg_writer"),
@@ -153,21 +178,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     app = ProstateJRSApp(argv)
     try:
-        app.run()
+        with output_lock(output):  # one run per output folder; a second one is refused, never mixed in
+            for note in recover(output):
+                print(f"prostate-jrs: {note}", flush=True)
+            try:
+                app.run()
+            except BaseException:
+                _clean(output, existed)
+                raise
     except _USER_ERRORS as err:
-        _clean(output, existed)
         print(f"prostate-jrs: error: {err}", file=sys.stderr, flush=True)
         print("prostate-jrs: no output written", file=sys.stderr, flush=True)
         return 1
-    except BaseException:
-        _clean(output, existed)
-        raise
     print(f"prostate-jrs: done in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 
 def _clean(output: Path, existed: bool) -> None:
-    """Remove staging folders and, if this run created it and it is empty, the output folder."""
+    """Remove this run's staging folder (and dead runs') and, if this run created it and it is empty, the output
+    folder."""
     discard(output)
     if not existed and output.is_dir() and not any(output.iterdir()):
         output.rmdir()

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from prostate_jrs.timing import hardware_info
-from prostate_jrs.tiny_bundle import TINY_TRAINING
+from prostate_jrs.tiny_bundle import TINY_REFINE, TINY_TRAINING
 
 REPO = Path(__file__).resolve().parent.parent
 STRUCTURE_NAMES = ("prostate", "seminal_vesicles", "rectum", "bladder")
@@ -59,6 +59,13 @@ NETWORK_PATHS = {
     "sedd": ("reg", "seg"),
     "cross_stitch": ("reg", "seg"),
 }
+#: Refinement variants scored for the shipped model (``--tiny``: for the first trained network): mode and settings.
+REFINE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fast": ("fast", {}),
+    "accurate": ("accurate", {}),
+    "fast from the network": ("fast", {"init": "network"}),
+}
+SHIPPED = "cross_stitch (shipped)"
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -68,7 +75,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--fractions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size (mm) of the synthetic dataset")
-    parser.add_argument("--networks", nargs="+", default=list(NETWORK_PATHS), choices=list(NETWORK_PATHS))
+    parser.add_argument("--networks", nargs="*", default=list(NETWORK_PATHS), choices=list(NETWORK_PATHS))
+    parser.add_argument(
+        "--refine",
+        nargs="*",
+        default=list(REFINE_VARIANTS),
+        choices=list(REFINE_VARIANTS),
+        help="refinement variants scored for the shipped model (--tiny: the first network)",
+    )
     parser.add_argument("--epochs", type=int, default=12, help="training budget of every network")
     parser.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "results" / "accuracy_runs")
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle")
@@ -158,8 +172,21 @@ def run_network(name: str, args: argparse.Namespace, common: Mapping[str, Any]) 
         (run / "budget.json").write_text(json.dumps({"epochs": args.epochs, "seconds": train_seconds}, indent=2))
     elif (run / "budget.json").is_file():
         train_seconds = json.loads((run / "budget.json").read_text())["seconds"]
-    final = {**overrides, "validate#handlers#0#load_path": str(models / "model_final.pt")}
+    final = {**overrides, "validate#handlers#0#load_path": str(models / "model_final.pt"), "refine#mode": "off"}
     return _evaluate(name, run, final, args, train_seconds, NETWORK_PATHS[name])
+
+
+def run_refined(label: str, run: Path, overrides: Mapping[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Evaluate ``label``'s checkpoint once per refinement variant; rows of the refined DDF only."""
+    results = []
+    for variant in args.refine:
+        mode, settings = REFINE_VARIANTS[variant]
+        settings = {**settings, **(TINY_REFINE if args.tiny else {})}
+        values = {**overrides, "refine#mode": mode, "refine#settings": settings}
+        name = f"{label} + refine {variant}"
+        folder = run / f"refine-{variant.replace(' ', '-')}"
+        results.append(_evaluate(name, folder, values, args, math.nan, ("reg", "final"), refine=mode))
+    return results
 
 
 def _evaluate(
@@ -169,7 +196,9 @@ def _evaluate(
     args: argparse.Namespace,
     train_seconds: float,
     paths: Sequence[str],
+    refine: str = "off",
 ) -> dict[str, Any]:
+    """Score one checkpoint by ``evaluate.json`` (reused when newer than the checkpoint); rows of ``refine``."""
     configs = [args.bundle / "configs" / "train.json", args.bundle / "configs" / "evaluate.json"]
     metrics, timing = run / "eval" / "metrics_per_case.csv", run / "eval_seconds.json"
     checkpoint = Path(str(overrides.get("validate#handlers#0#load_path", Path(overrides["ckpt_dir"]) / "model.pt")))
@@ -184,14 +213,21 @@ def _evaluate(
     rows = [
         {**r, "method": label}
         for r in _read_csv(run / "eval" / "metrics_per_case.csv")
-        if r["path"] in paths and r["structure"] in STRUCTURE_NAMES
+        if r["path"] in paths and r["structure"] in STRUCTURE_NAMES and r.get("refine", "off") == refine
     ]
-    ddf = [{**r, "method": label} for r in _read_csv(run / "eval" / "ddf_quality.csv")] if "reg" in paths else []
-    return {"rows": rows, "ddf": ddf, "train_seconds": train_seconds, "eval_seconds": seconds}
+    ddf = [
+        {**r, "method": label}
+        for r in _read_csv(run / "eval" / "ddf_quality.csv")
+        if "reg" in paths and r.get("refine", "off") == refine
+    ]
+    result = {"rows": rows, "ddf": ddf, "train_seconds": train_seconds, "eval_seconds": seconds}
+    if refine != "off":
+        result["registration_seconds_per_pair"] = float(np.mean([float(r["refine_seconds"]) for r in ddf]))
+    return result
 
 
 def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads: int, runs: Path) -> dict[str, Any]:
-    """Score ``identity`` or ``elastix`` on every test pair (kept in ``runs/METHOD/scores.json`` and reused)."""
+    """Score ``identity``, ``rigid`` or ``elastix`` on every test pair (kept in ``runs/METHOD/scores.json``, reused)."""
     cache = runs / method / "scores.json"
     if cache.is_file():
         print(f"{method}: reusing {cache}", flush=True)
@@ -215,11 +251,19 @@ def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads:
     return result
 
 
+def _by_case(
+    rows: Sequence[Mapping[str, Any]], method: str, path: str, structure: str, metric: str
+) -> dict[str, float]:
+    """``metric`` of one method, path and structure per case (in row order)."""
+    return {
+        str(r["case"]): float(r[metric])
+        for r in rows
+        if r["method"] == method and r["path"] == path and r["structure"] == structure
+    }
+
+
 def _values(rows: Sequence[Mapping[str, Any]], method: str, path: str, structure: str, metric: str) -> np.ndarray:
-    return np.array(
-        [float(r[metric]) for r in rows if r["method"] == method and r["path"] == path and r["structure"] == structure],
-        dtype=np.float64,
-    )
+    return np.array(list(_by_case(rows, method, path, structure, metric).values()), dtype=np.float64)
 
 
 def _fmt(values: np.ndarray, digits: int) -> str:
@@ -285,6 +329,54 @@ def wilcoxon_against(rows: Sequence[Mapping[str, Any]], baseline: str, networks:
         result["per_structure_p"][structure] = float(wilcoxon(x, y).pvalue) if ok else math.nan
         result["per_structure_mean_dsc"][structure] = (float(np.mean(x)), float(np.mean(y)))
     return result
+
+
+def structure_tests(
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[tuple[str, str]], baseline: str = "elastix"
+) -> list[dict[str, Any]]:
+    """Paired two-sided Wilcoxon signed-rank tests per structure of each (method, path) against ``baseline``'s
+    registration path, on MSD and DSC, over the cases both have."""
+    from scipy.stats import wilcoxon
+
+    tests = []
+    for method, path in methods:
+        for structure in STRUCTURE_NAMES:
+            row: dict[str, Any] = {"method": method, "path": path, "structure": structure, "baseline": baseline}
+            for metric in ("msd_mm", "dsc"):
+                ours = _by_case(rows, method, path, structure, metric)
+                base = _by_case(rows, baseline, "reg", structure, metric)
+                cases = sorted(c for c in set(ours) & set(base) if np.isfinite(ours[c]) and np.isfinite(base[c]))
+                a, b = np.array([ours[c] for c in cases]), np.array([base[c] for c in cases])
+                ok = len(cases) > 1 and bool(np.any(a != b))
+                row[metric] = {
+                    "mean": float(a.mean()) if cases else math.nan,
+                    "baseline_mean": float(b.mean()) if cases else math.nan,
+                    "n": len(cases),
+                    "p_value": float(wilcoxon(a, b).pvalue) if ok else math.nan,
+                }
+            tests.append(row)
+    return tests
+
+
+def structure_table(tests: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of :func:`structure_tests`."""
+    if not tests:
+        return ""
+    lines = [
+        f"**Against {tests[0]['baseline']}**, per structure, paired two-sided Wilcoxon signed-rank over the test "
+        "pairs (MSD: lower is better; over the pairs where both contours exist)",
+        "",
+        "| method | path | structure | pairs | MSD (mm) | MSD baseline | p | DSC | DSC baseline | p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tests:
+        msd, dsc = t["msd_mm"], t["dsc"]
+        lines.append(
+            f"| {t['method']} | {t['path']} | {SHORT[t['structure']]} | {dsc['n']} | {msd['mean']:.2f} | "
+            f"{msd['baseline_mean']:.2f} | {msd['p_value']:.3g} | {dsc['mean']:.3f} | {dsc['baseline_mean']:.3f} | "
+            f"{dsc['p_value']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(
@@ -388,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     ddf: list[dict[str, Any]] = []
     timings: dict[str, dict[str, float]] = {}
-    for method in ("identity", *(() if args.no_elastix else ("elastix",))):
+    for method in ("identity", "rigid", *(() if args.no_elastix else ("elastix",))):
         result = run_baseline(method, data, args.tiny, margin_mm, args.threads, args.runs)
         rows += result["rows"]
         ddf += result["ddf"]
@@ -398,19 +490,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += result["rows"]
         ddf += result["ddf"]
         timings[name] = {"train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"]}
+    refined: list[dict[str, Any]] = []
     if args.shipped and not args.tiny:
-        label = "cross_stitch (shipped)"
         shipped = {**common, "ckpt_dir": str(args.bundle / "models")}
-        result = _evaluate(label, args.runs / "shipped", shipped, args, math.nan, ("reg", "seg"))
+        result = _evaluate(
+            SHIPPED, args.runs / "shipped", {**shipped, "refine#mode": "off"}, args, math.nan, ("reg", "seg")
+        )
         rows += result["rows"]
         ddf += result["ddf"]
-        timings[label] = {"eval_seconds": result["eval_seconds"]}
+        timings[SHIPPED] = {"eval_seconds": result["eval_seconds"]}
+        refined = run_refined(SHIPPED, args.runs / "shipped", shipped, args)
+    elif args.tiny and args.networks:
+        name = args.networks[0]
+        models = args.runs / name / "models"
+        load = {"ckpt_dir": str(models), "validate#handlers#0#load_path": str(models / "model_final.pt")}
+        refined = run_refined(name, args.runs / name, {**common, "network_name": name, **load}, args)
+    for variant, result in zip(args.refine, refined, strict=False):
+        label = result["rows"][0]["method"] if result["rows"] else variant
+        rows += result["rows"]
+        ddf += result["ddf"]
+        timings[label] = {
+            "eval_seconds": result["eval_seconds"],
+            "registration_seconds_per_pair": result["registration_seconds_per_pair"],
+        }
 
     # the equally trained networks are ranked among themselves; the shipped model (more steps) is tested on its own
     test = wilcoxon_against(rows, "elastix", args.networks) if not args.no_elastix else {}
     shipped = {str(r["method"]) for r in rows} - {*args.networks, "identity", "elastix"}
     shipped_test = wilcoxon_against(rows, "elastix", sorted(shipped)) if shipped and not args.no_elastix else {}
     table = markdown(rows, ddf, timings, [t for t in (test, shipped_test) if t])
+    compared = [(m, p) for m, p in method_paths(rows) if " + refine " in m and p == "final"]
+    compared += [(m, "reg") for m in (SHIPPED,) if any(r["method"] == m for r in rows)]
+    per_structure = structure_tests(rows, compared) if not args.no_elastix else []
+    table += "\n\n" + structure_table(per_structure)
     args.out.mkdir(parents=True, exist_ok=True)
     columns = ["method", "case", "patient", "path", "structure", "dsc", "msd_mm", "hd95_mm"]
     with (args.out / "per_case.csv").open("w", newline="") as handle:
@@ -429,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timings": timings,
         "wilcoxon": test,
         "wilcoxon_shipped": shipped_test,
+        "against_elastix_per_structure": per_structure,
         "hardware": hardware,
         "command": sys.argv,
     }

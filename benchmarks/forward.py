@@ -9,10 +9,18 @@ CPU peak memory is the growth of the process's peak RSS (``ru_maxrss``) during t
 forked child per network so one network's peak cannot hide another's; CUDA peak memory is
 ``torch.cuda.max_memory_allocated``.
 
+``--engines``: instead, the bundle's network (``--bundle``, trained weights) on one tile (``--tile``, default
+124 x 144 x 108: a tile of the 512 x 512 x 122 fraction's fitted layout) with every way to run it: torch eager (with
+``--threads`` and with one thread), torch channels-last, torch bfloat16 autocast, ``torch.compile``, ONNX Runtime
+and OpenVINO (:mod:`prostate_jrs.backends`), and on CUDA torch with and without AMP. Each in a forked child: median
+seconds of ``--repeats`` runs after a warm-up, the set-up (export, compile) seconds, peak memory, and the largest
+difference from torch eager float32 on the same input.
+
 Usage::
 
     python benchmarks/forward.py [--networks seg cross_stitch] [--device cpu cuda] [--threads 2]
                                  [--volume 176 144 112] [--inference-networks cross_stitch] [--out DIR]
+    python benchmarks/forward.py --engines [--bundle bundle] [--tile 124 144 108] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -136,6 +144,107 @@ def measure_inference(name: str, device_name: str, volume: tuple[int, int, int],
     return {"network": name, "device": device_name, "amp": amp, "tiles": tiles, "seconds": seconds}
 
 
+ENGINES: tuple[str, ...] = (
+    "torch eager",
+    "torch eager, 1 thread",
+    "torch channels-last",
+    "torch bfloat16",
+    "torch.compile",
+    "onnxruntime",
+    "openvino",
+)
+CUDA_ENGINES: tuple[str, ...] = ("torch cuda", "torch cuda amp")
+
+
+def _engine(name: str, network: torch.nn.Module, tile: torch.Tensor, onnx_file: Path) -> Callable[[], torch.Tensor]:
+    """A no-argument callable running ``network`` on ``tile`` the way ``name`` says (set-up done here)."""
+    from prostate_jrs.backends import EngineNetwork, onnx_file_for
+
+    if name in ("onnxruntime", "openvino"):
+        engine = EngineNetwork(onnx_file_for(network, name, onnx_file), name)
+        return lambda: engine(tile)
+    if name == "torch channels-last":
+        network = network.to(memory_format=torch.channels_last_3d)
+        tile = tile.contiguous(memory_format=torch.channels_last_3d)
+    if name == "torch.compile":
+        network = torch.compile(network)
+    device = "cuda" if name.startswith("torch cuda") else "cpu"
+    network, tile = network.to(device), tile.to(device)
+    dtype = torch.bfloat16 if name == "torch bfloat16" else torch.float16
+    autocast = name in ("torch bfloat16", "torch cuda amp")
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            out = network(tile)
+        _sync(torch.device(device))
+        return out.float().cpu()
+
+    return run
+
+
+def measure_engine(name: str, bundle: str, tile_size: tuple[int, int, int], threads: int, repeats: int) -> dict:
+    """One way of running the bundle's network on one tile (runs in the calling process; fork it)."""
+    import tempfile
+
+    from prostate_jrs.pipeline import load_bundle
+
+    torch.set_num_threads(1 if name.endswith("1 thread") else threads)
+    network, _ = load_bundle(bundle)
+    generator = torch.Generator().manual_seed(0)
+    tile = torch.rand(1, 3, *tile_size, generator=generator) * 2 - 1
+    tile[:, 2] = torch.randint(0, 5, (1, *tile_size), generator=generator).float()
+    with torch.inference_mode():
+        reference = network(tile)
+    base = _rss_mib()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        run = _engine(name, network, tile, Path(folder) / "model.onnx")
+        setup = time.perf_counter() - start
+        out = run()  # warm-up (and compilation where it is lazy)
+        first = time.perf_counter() - start - setup
+        times = []
+        for _ in range(repeats):
+            clock = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - clock)
+    return {
+        "engine": name,
+        "seconds": statistics.median(times),
+        "setup_s": setup,
+        "first_call_s": first,
+        "peak_mib": _rss_mib() - base,
+        "max_abs_diff": float((out - reference).abs().max()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def engines_table(bundle: str, tile: tuple[int, int, int], threads: int, repeats: int, cuda: bool) -> list[dict]:
+    """:func:`measure_engine` for every engine (:data:`ENGINES`, plus :data:`CUDA_ENGINES` with ``cuda``)."""
+    from prostate_jrs.timing import run_forked
+
+    rows = []
+    for name in ENGINES + (CUDA_ENGINES if cuda else ()):
+        try:
+            rows.append(run_forked(measure_engine, name, bundle, tile, threads, repeats))
+        except ChildProcessError as err:
+            rows.append({"engine": name, "error": str(err).strip().splitlines()[-1]})
+        print(f"  measured {name}", file=sys.stderr, flush=True)
+    base = next((r["seconds"] for r in rows if r["engine"] == "torch eager" and "error" not in r), None)
+    print(f"bundle {bundle}, tile {tile}, {threads} threads, median of {repeats}")
+    print("| engine | threads | seconds | x torch eager | set-up s | first call s | peak MiB | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['engine']} | error: {row['error']} |")
+            continue
+        ratio = f"{base / row['seconds']:.2f}" if base else "-"
+        print(
+            f"| {row['engine']} | {row['threads']} | {row['seconds']:.2f} | {ratio} | {row['setup_s']:.1f} | "
+            f"{row['first_call_s']:.1f} | {row['peak_mib']:.0f} | {row['max_abs_diff']:.1e} |"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
@@ -148,7 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-networks", nargs="*", default=["cross_stitch"], choices=list(NETWORKS))
     parser.add_argument("--tile-batch", type=int, default=None, help="tiles per call (default: 2 CPU, 8 CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json (and forward.png) here")
+    parser.add_argument("--engines", action="store_true", help="compare the ways to run the bundle's network")
+    parser.add_argument("--bundle", default=str(Path(__file__).resolve().parents[1] / "bundle"), help="for --engines")
+    parser.add_argument("--tile", type=int, nargs=3, default=(124, 144, 108), help="tile of --engines (input voxels)")
     args = parser.parse_args(argv)
+    if args.engines:
+        cuda = torch.backends.cuda.is_built() and _cuda_in_child()
+        rows = engines_table(args.bundle, tuple(args.tile), args.threads, args.repeats, cuda)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "engines.json").write_text(json.dumps({"tile": args.tile, "engines": rows}, indent=2))
+        return 0
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     # CPU first: its measurements fork, which must happen before this process initialises CUDA
     devices = sorted(devices, key=lambda d: d != "cpu")
@@ -198,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.json").write_text(json.dumps({"networks": rows, "inference": inference}, indent=2))
         _plot(rows, args.out / "forward.png")
     return 0
+
+
+def _cuda_in_child() -> bool:
+    """Whether CUDA works, asked in a child: initialised here, it would be lost to the forked measurements."""
+    from prostate_jrs.timing import run_forked
+
+    return bool(run_forked(torch.cuda.is_available))
 
 
 def _plot(rows: list[dict], path: Path) -> None:

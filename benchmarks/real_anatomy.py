@@ -43,11 +43,22 @@ from prostate_jrs.geometry import affine_transform, array_from_image, resample_w
 from prostate_jrs.metrics import jacobian_determinant
 from prostate_jrs.phantom.known_deformation import KnownDeformation, deform_real_ct, from_phantom_axes, planning_points
 from prostate_jrs.pipeline import PipelineResult, PipelineSettings, load_bundle, run_pipeline
-from prostate_jrs.tiny_bundle import write_tiny_bundle
+from prostate_jrs.refine import refine_settings
+from prostate_jrs.tiny_bundle import TINY_REFINE, write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FIXTURE = REPO.parent / "shared" / "fixtures" / "real" / "pelvis_ct" / "pelvis_ct_3mm.nii.gz"
-METHODS = ("rigid only", "shipped model", "elastix")
+NETWORK_ONLY = "network only"
+#: pipeline variants: the shipped network alone, each refinement mode (default start: the rigid alignment), and the
+#: fast mode started from the network's DDF or from the better of both
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    NETWORK_ONLY: ("off", {}),
+    "refine fast": ("fast", {}),
+    "refine accurate": ("accurate", {}),
+    "refine fast from the network's DDF": ("fast", {"init": "network"}),
+    "refine fast, auto start": ("fast", {"init": "auto"}),
+}
+METHODS = ("rigid only", *VARIANTS, "elastix")
 
 
 def _box(mask: np.ndarray) -> tuple[slice, slice, slice]:
@@ -117,13 +128,17 @@ def _norm(vectors: np.ndarray) -> np.ndarray:
 
 def evaluate(
     known: KnownDeformation,
-    result: PipelineResult,
+    results: dict[str, PipelineResult],
     elastix_ddf: np.ndarray,
     elastix_seconds: float,
     box: tuple[slice, slice, slice],
     body_hu: float,
 ) -> dict[str, Any]:
-    """Error statistics, folding and runtime of the three methods, plus the true field's magnitude."""
+    """Error statistics, folding and runtime of every method, plus the true field's magnitude.
+
+    ``results`` holds one pipeline run per variant (same rigid alignment and crop); the first gives the rigid map.
+    """
+    result = next(iter(results.values()))
     daily = known.daily_ct
     truth = known.true_points()
     body = (array_from_image(daily) > body_hu) & known.inside_planning()
@@ -134,14 +149,13 @@ def evaluate(
     # overlap) constrains the DDF most.
     organs = body & (resample_with_ddf(known.planning_labels, daily, known.ddf, order=0) > 0)
     rigid = result.rigid.daily_to_planning
-    network_ddf = np.where(crop[None], result.ddf, 0.0).astype(np.float32)  # outside the crop: the rigid map
-    ddfs = {"rigid only": np.zeros_like(network_ddf), "shipped model": network_ddf, "elastix": elastix_ddf}
-    timings = result.timings
-    seconds = {
-        "rigid only": timings["rigid"],
-        "shipped model": timings["total"],
-        "elastix": timings["rigid"] + elastix_seconds,
-    }
+    ddfs = {"rigid only": np.zeros_like(elastix_ddf)}
+    seconds = {"rigid only": result.timings["rigid"]}
+    for name, run in results.items():
+        ddfs[name] = np.where(crop[None], run.ddf, 0.0).astype(np.float32)  # outside the crop: the rigid map
+        seconds[name] = run.timings["total"]
+    ddfs["elastix"] = elastix_ddf
+    seconds["elastix"] = result.timings["rigid"] + elastix_seconds
     methods: dict[str, Any] = {}
     errors: dict[str, np.ndarray] = {}
     for name, ddf in ddfs.items():
@@ -156,6 +170,8 @@ def evaluate(
             "min_det_j": float(det.min()),
             "seconds": float(seconds[name]),
         }
+        if name in results:
+            methods[name]["refine"] = results[name].qa.get("refine", {"mode": "off"})
     displacement = _norm(truth - planning_points(np.zeros_like(known.ddf), daily))
     nonrigid = _norm(truth - planning_points(np.zeros_like(known.ddf), daily, known.setup))
     true_det = jacobian_determinant(known.ddf)
@@ -177,17 +193,30 @@ def evaluate(
 def _table(methods: dict[str, Any]) -> str:
     lines = [
         "| method | crop mean mm | crop p95 mm | organs mean mm | organs p95 mm | body mean mm | body p95 mm "
-        "| det J <= 0 (crop) | runtime s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| det J <= 0 (crop) | runtime s | CPU s | registration CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in METHODS:
         row = methods[name]
         lines.append(
             f"| {name} | {row['crop']['mean']:.2f} | {row['crop']['p95']:.2f} | {row['organs']['mean']:.2f} | "
             f"{row['organs']['p95']:.2f} | {row['body']['mean']:.2f} | {row['body']['p95']:.2f} | "
-            f"{row['folding_fraction']:.4%} | {row['seconds']:.1f} |"
+            f"{row['folding_fraction']:.4%} | {row['seconds']:.1f} | {_cell(row.get('cpu_seconds'))} | "
+            f"{_cell(_registration_cpu(name, row))} |"
         )
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _registration_cpu(name: str, row: dict[str, Any]) -> float | None:
+    """CPU seconds of the deformable registration alone: the refinement, or elastix's resampling and registration."""
+    if name == "elastix":
+        return row.get("cpu_seconds")
+    refine = row.get("refine", {})
+    return refine.get("cpu_seconds") if refine.get("mode", "off") != "off" else None
 
 
 def _markdown(report: dict[str, Any], table: str) -> str:
@@ -214,8 +243,13 @@ def _markdown(report: dict[str, Any], table: str) -> str:
             f"- Crop (the network's model grid, on the daily CT's grid): {crop['size']} voxels, "
             f"{crop['body_voxels']} body voxels; body = daily HU > {report['body_hu']:g} with the true point inside "
             "the planning CT. Outside the crop every method is the rigid map.",
-            f"- Runtime: rigid = the pipeline's rigid stage; shipped model = the whole pipeline; elastix = rigid + "
-            f"resampling + registration ({report['threads']} thread(s), device {report['device']}).",
+            "- Runtime: rigid = the pipeline's rigid stage; network and refine rows = the whole pipeline (read, "
+            "rigid, network, refinement, restore, QA); elastix = rigid + resampling + registration "
+            f"({report['threads']} thread(s), device {report['device']}); CPU s: the process's CPU time over all "
+            "threads (steadier than wall time on a shared machine); registration CPU s: the refinement alone, or "
+            "elastix's resampling and registration. Refinement: the bundle's modes "
+            "(`prostate_jrs.refine.REFINE_MODES`), which start from the rigid alignment (zero DDF); the last rows "
+            "start from the network's DDF, or from whichever of both has the lower loss after the coarsest level.",
             "",
             table,
             "",
@@ -248,7 +282,7 @@ def _plot(known: KnownDeformation, evaluation: dict[str, Any], path: Path, vmax:
         ("axial", (slice(None), slice(None), centre[2]), "upper", spacing[1] / spacing[0]),
         ("sagittal", (centre[0], slice(None), slice(None)), "lower", spacing[2] / spacing[1]),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
+    fig, axes = plt.subplots(2, len(METHODS) + 1, figsize=(4.25 * (len(METHODS) + 1), 8.5))
     for row, (view, index, origin, aspect) in enumerate(views):
         ax = axes[row, 0]
         ax.imshow(image[index].T, cmap="gray", vmin=-300, vmax=400, origin=origin, aspect=aspect)
@@ -300,17 +334,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         bundle = write_tiny_bundle(args.bundle, Path(scratch) / "bundle") if args.tiny else args.bundle
         network, settings = load_bundle(bundle, device=args.device)
-    result = run_pipeline(known.planning_ct, known.planning_labels, known.daily_ct, network, settings)
-    print(f"  pipeline in {result.timings['total']:.1f} s", file=sys.stderr, flush=True)
+    results: dict[str, PipelineResult] = {}
+    cpu_seconds: dict[str, float] = {}
+    for name, (mode, overrides) in VARIANTS.items():
+        refine = refine_settings(mode, {**overrides, **(TINY_REFINE if args.tiny else {})})
+        variant = dataclasses.replace(settings, refine=refine)
+        cpu = time.process_time()
+        results[name] = run_pipeline(known.planning_ct, known.planning_labels, known.daily_ct, network, variant)
+        cpu_seconds[name] = time.process_time() - cpu
+        print(f"  {name}: pipeline in {results[name].timings['total']:.1f} s", file=sys.stderr, flush=True)
+    result = results[NETWORK_ONLY]
 
     box = _box(result.fov)
     _load_itk()
     elastix_settings = ElastixSettings.tiny() if args.tiny else ElastixSettings()
     elastix_settings = dataclasses.replace(elastix_settings, threads=args.threads)
+    cpu = time.process_time()
     ddf, seconds = run_elastix(known, result, box, _context_mm(settings), elastix_settings)
+    cpu_seconds["elastix"] = time.process_time() - cpu
     print(f"  elastix in {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    evaluation = evaluate(known, result, ddf, seconds, box, args.body_hu)
+    evaluation = evaluate(known, results, ddf, seconds, box, args.body_hu)
+    for name, value in cpu_seconds.items():
+        evaluation["methods"][name]["cpu_seconds"] = float(value)
     table = _table(evaluation["methods"])
     report: dict[str, Any] = {
         "fixture": str(args.fixture),
@@ -333,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "residual_mm": result.rigid.residual,
             "bone_overlap": result.rigid.bone_overlap,
         },
-        "pipeline_timings_s": result.timings,
+        "pipeline_timings_s": {name: run.timings for name, run in results.items()},
         "qa_flags": result.qa.get("flags", []),
         "elastix_settings": dataclasses.asdict(elastix_settings),
         "settings": {"model_spacing": settings.model_spacing, "crop_margin_mm": settings.crop_margin_mm},

@@ -16,6 +16,19 @@ timings), ``write_contours`` (``rtstruct``), ``write_segmentation`` (``seg``), `
 all of it. Every fraction runs in a process forked for it, so each is cold, as an app run is; imports (torch and
 MONAI, about 5 s) are not counted.
 
+Variants (``--variants``), each a set of bundle overrides, measured in the same run and interleaved (repeat r of every
+variant before repeat r + 1 of any, so that the load of a shared machine falls on all alike):
+
+* ``torch-eager``: the network stage as it was before issue 15: torch eager, fixed 112^3 tiles two per call, no
+  refinement;
+* ``no-refine``: the bundle's defaults (``backend`` auto: OpenVINO on the CPU; tiles fitted to the crop) without the
+  refinement;
+* ``default``: the bundle as shipped, refinement included (its mode and iteration budget are in the table);
+* on CUDA also ``amp``: ``no-refine`` with autocast.
+
+The bundle's network is exported to ONNX once, in a child before the fractions (``export`` in the JSON), as a deployed
+bundle has it in ``models/model.onnx``.
+
 elastix: the multi-resolution B-spline of :mod:`prostate_jrs.baselines.elastix` on the box the network works on
 (the pipeline's model grid), at the daily CT's own resolution: the daily CT cropped to that box is the fixed image,
 the planning CT resampled into it through the pipeline's rigid alignment the moving one. Timed: cropping and
@@ -25,23 +38,26 @@ planning label map with the field (``warp``, nearest neighbour). ITK's lazy modu
 first use) happens once in the parent before the elastix children fork and is not counted, as the imports are not
 on the network's side.
 
-Ratios: ``x network`` = elastix's ``register`` over the ``network`` stage (the registration itself);
-``elastix fraction`` = the network fraction with ``preprocess + network + restore`` replaced by elastix's
-``prep + register + warp``, and ``x fraction`` its ratio to the network fraction's ``total``.
+Ratios: ``x network`` = the ``torch-eager`` variant's ``network`` stage over this row's (same field of view and
+device); ``x elastix reg`` = elastix's ``register`` over the row's ``network + refine`` (the registration itself);
+``elastix fraction`` = the row's fraction with ``preprocess + network + refine + restore`` replaced by elastix's
+``prep + register + warp``, and ``x fraction`` its ratio to the row's ``total``.
 
 Peak memory: growth of the peak resident set size (``ru_maxrss``) over the forked child's start (for elastix, over
-the loaded session), as ``benchmarks/forward.py`` measures it; on CUDA also ``torch.cuda.max_memory_allocated``.
-Times are medians over ``--repeats`` fractions, peaks maxima. Threads: ``--threads`` for torch, SimpleITK and ITK
-(elastix); numpy's BLAS follows ``OMP_NUM_THREADS``.
+the loaded session), as ``benchmarks/forward.py`` measures it (the absolute peak, imports included, is in the JSON);
+on CUDA also ``torch.cuda.max_memory_allocated``. Times are medians over ``--repeats`` fractions, peaks maxima. The
+machine's 1-minute load average is recorded before and after every measurement. Threads: ``--threads`` for torch,
+OpenVINO, ONNX Runtime, SimpleITK and ITK (elastix); numpy's BLAS follows ``OMP_NUM_THREADS``.
 
 Usage::
 
     python benchmarks/speed.py [--device cpu cuda] [--threads 2] [--fov-scales 0.5 0.75 1] [--repeats 1]
-                               [--bundle bundle] [--out benchmarks/results/speed] [--data DIR] [--seed 0] [--tiny]
+                               [--variants torch-eager no-refine default] [--bundle bundle]
+                               [--out benchmarks/results/speed] [--data DIR] [--seed 0] [--tiny]
 
-Prints a Markdown table and writes ``OUT/speed.md``, ``OUT/speed.json`` (every measurement, the hardware and the
-software versions) and ``OUT/speed_scaling.png`` (time against daily-CT voxels). ``--tiny``: the phantom's tiny
-preset (4 mm voxels), a narrow randomly initialised copy of the bundle on a 6 mm model grid (:data:`TINY_BUNDLE`)
+Prints a Markdown table and writes ``OUT/speed.md``, ``OUT/speed.json`` (every measurement, the hardware, the load
+and the software versions) and ``OUT/speed_scaling.png`` (time against daily-CT voxels). ``--tiny``: the phantom's
+tiny preset (4 mm voxels), a narrow randomly initialised copy of the bundle on a 6 mm model grid (:data:`TINY_BUNDLE`)
 and ``ElastixSettings.tiny()``, to check the script in CI in about a minute; its times mean nothing. ``--data DIR``
 keeps the generated studies there and reuses them on the next run (the clinical ones take minutes to make).
 """
@@ -51,6 +67,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -66,6 +84,7 @@ import torch
 
 # imported here, in the parent, so that every forked child finds them loaded (importing MONAI takes seconds); importing
 # is safe before forking, running torch operations is not
+from prostate_jrs.backends import onnx_file_for, resolve_backend
 from prostate_jrs.baselines import ElastixSettings, register_bspline
 from prostate_jrs.dicom_session import (
     load_session,
@@ -90,14 +109,14 @@ DEFAULT_SCALES = (0.5, 0.75, 1.0)
 SESSION = "JRS001_f01"
 #: Bundle settings of ``--tiny``: the library's tiny bundle on a 6 mm grid with 72^3 tiles (two tiles).
 TINY_BUNDLE: dict[str, Any] = {**TINY_SETTINGS, "model_spacing": 6.0, "crop_margin_mm": 12.0, "infer_patch_size": 72}
-#: (key, header) of the network fraction's stages in table order; ``refine`` (no refine step in the app) is only in
-#: the JSON.
+#: (key, header) of the network fraction's stages in table order.
 STAGES: tuple[tuple[str, str], ...] = (
     ("load", "load"),
     ("bundle", "bundle"),
     ("rigid", "rigid"),
     ("preprocess", "preprocess"),
     ("network", "network"),
+    ("refine", "refine"),
     ("restore", "restore"),
     ("qa", "QA"),
     ("rtstruct", "RTSTRUCT"),
@@ -106,6 +125,16 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("qa_files", "QA files"),
     ("publish", "publish"),
 )
+#: Bundle overrides of each variant (module docstring); ``amp`` only on CUDA.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "torch-eager": {"backend": "torch", "infer_max_tile_voxels": None, "tile_batch_size": 2, "refine#mode": "off"},
+    "no-refine": {"refine#mode": "off"},
+    "default": {},
+    "amp": {"amp": True, "refine#mode": "off"},
+}
+BASELINE = "torch-eager"
+#: Stages the elastix fraction replaces.
+REGISTRATION_STAGES = ("preprocess", "network", "refine", "restore")
 PIPELINE_STAGES = ("rigid", "preprocess", "network", "refine", "restore", "qa")
 
 
@@ -207,19 +236,48 @@ def grid_from_geometry(geometry: dict[str, Any]) -> sitk.Image:
     return grid
 
 
-def measure_fraction(session: str, bundle: str, device: str, threads: int) -> dict[str, Any]:
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process so far: less bent by other jobs than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def prepare_bundle(bundle: str, device: str, threads: int) -> dict[str, Any]:
+    """Export the bundle's network for its backend once (as a deployed bundle ships it); run it in a child.
+
+    Returns:
+        The backend that runs, the ONNX file (if any) and the seconds the export (or the check of a file) took.
+    """
+    _limit_threads(threads)
+    start = time.perf_counter()
+    network, settings = load_bundle(bundle, device=device)
+    backend = resolve_backend(settings.backend, device)
+    onnx = None if backend == "torch" else str(onnx_file_for(network, backend, settings.onnx_file))
+    return {"backend": backend, "onnx_file": onnx, "export_s": round(time.perf_counter() - start, 3)}
+
+
+def measure_fraction(
+    session: str, bundle: str, device: str, threads: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One fraction through the app's library calls (runs in the calling process; :func:`run_forked` it).
 
     Args:
         session: DICOM session folder.
         bundle: bundle folder.
         device: torch device of the network.
-        threads: torch and SimpleITK threads.
+        threads: torch, OpenVINO, ONNX Runtime and SimpleITK threads.
+        overrides: bundle config overrides (a variant, :data:`VARIANTS`).
 
     Returns:
-        Seconds per stage and in total, peak memory, the geometry the network worked on and the rigid alignment.
+        Seconds per stage and in total, peak memory, the backend, the refinement report, the geometry the network
+        worked on and the rigid alignment.
     """
     _limit_threads(threads)
+    load_before, cpu_start = _load(), _cpu_seconds()
     cuda = device.startswith("cuda")
     rss_start = peak_rss_mib()
     out = Path(tempfile.mkdtemp(prefix="speed-fraction-"))
@@ -237,7 +295,7 @@ def measure_fraction(session: str, bundle: str, device: str, threads: int) -> di
         # the app's order: SessionLoader, JRSInference (bundle, pipeline), the four writers, Publish
         inputs = load_session(session)
         lap("load")
-        network, settings = load_bundle(bundle, device=device)
+        network, settings = load_bundle(bundle, device=device, overrides=overrides)
         inputs.timings["load_bundle"] = round(lap("bundle"), 3)
         result = run_pipeline(inputs.planning.image, inputs.planning_labels, inputs.daily.image, network, settings)
         stages.update({stage: float(result.timings.get(stage, 0.0)) for stage in PIPELINE_STAGES})
@@ -258,8 +316,12 @@ def measure_fraction(session: str, bundle: str, device: str, threads: int) -> di
             "device": device,
             "stages_s": stages,
             "total_s": total,
+            "cpu_s": _cpu_seconds() - cpu_start,
             "peak_rss_mib": peak_rss_mib(),
             "peak_rss_growth_mib": peak_rss_mib() - rss_start,
+            "load_average": [load_before, _load()],
+            "backend": resolve_backend(settings.backend, device),
+            "refine": result.qa.get("refine", {"mode": "off"}),
             "daily_size": list(inputs.daily.image.GetSize()),
             "model_grid": _geometry(result.model_grid),
             "daily_to_planning": np.asarray(result.rigid.daily_to_planning).tolist(),
@@ -269,6 +331,8 @@ def measure_fraction(session: str, bundle: str, device: str, threads: int) -> di
                 "patch_size": settings.patch_size,
                 "output_size": settings.output_size,
                 "tile_batch_size": settings.tile_batch_size,
+                "max_tile_voxels": settings.max_tile_voxels,
+                "amp": settings.amp,
             },
             "output_bytes": {path.name: path.stat().st_size for path in published},
         }
@@ -333,6 +397,7 @@ def measure_elastix(
     import itk
 
     _limit_threads(threads)
+    load_before, cpu_start = _load(), _cpu_seconds()
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)  # transformix and the conversions
     inputs = load_session(session)
     rigid = np.asarray(daily_to_planning, dtype=np.float64)
@@ -359,6 +424,8 @@ def measure_elastix(
         "warped_label_voxels": int(np.count_nonzero(labels)),
         "peak_rss_mib": peak_rss_mib(),
         "peak_rss_growth_mib": peak_rss_mib() - rss_start,
+        "load_average": [load_before, _load()],
+        "cpu_s": _cpu_seconds() - cpu_start,  # includes reading the session
     }
 
 
@@ -380,12 +447,13 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[0]["error"] if runs else "no run", "runs": runs}
     summary = dict(ok[0])
     summary["stages_s"] = {key: statistics.median(run["stages_s"][key] for run in ok) for key in ok[0]["stages_s"]}
-    for key in ("total_s", "elastix_s"):
+    for key in ("total_s", "elastix_s", "cpu_s"):
         if key in ok[0]:
             summary[key] = statistics.median(run[key] for run in ok)
     for key in ("peak_rss_mib", "peak_rss_growth_mib", "gpu_peak_mib"):
         if key in ok[0]:
             summary[key] = max(run[key] for run in ok)
+    summary["load_average_median"] = statistics.median(v for run in ok for v in run.get("load_average", [0.0]))
     summary["runs"] = runs
     return summary
 
@@ -415,35 +483,68 @@ def _size(size: Sequence[int]) -> str:
     return "x".join(str(n) for n in size)
 
 
-def build_rows(studies: list[dict[str, Any]], fractions: dict[str, list[dict]], elastix: list[dict]) -> list[dict]:
-    """One row per device and field of view: the network fraction, elastix and their ratios."""
+def build_rows(
+    studies: list[dict[str, Any]], fractions: dict[str, dict[str, list[dict]]], elastix: list[dict]
+) -> list[dict]:
+    """One row per device, field of view and variant: the network fraction, elastix and their ratios."""
     rows = []
-    for device, summaries in fractions.items():
-        for study, fraction, baseline in zip(studies, summaries, elastix, strict=True):
-            row: dict[str, Any] = {"device": device, "scale": study["scale"], "study": study, "fraction": fraction}
-            row["elastix"] = baseline
-            if "error" not in fraction and "error" not in baseline:
+    for device, variants in fractions.items():
+        for n_study, (study, baseline) in enumerate(zip(studies, elastix, strict=True)):
+            eager = variants.get(BASELINE, [{"error": "not measured"}] * len(studies))[n_study]
+            for variant, summaries in variants.items():
+                fraction = summaries[n_study]
+                row: dict[str, Any] = {
+                    "device": device,
+                    "variant": variant,
+                    "scale": study["scale"],
+                    "study": study,
+                    "fraction": fraction,
+                    "elastix": baseline,
+                }
+                if "error" in fraction:
+                    rows.append(row)
+                    continue
                 stages = fraction["stages_s"]
-                replaced = stages["preprocess"] + stages["network"] + stages["restore"]
-                row["elastix_fraction_s"] = fraction["total_s"] - replaced + baseline["total_s"]
-                row["ratio_registration"] = baseline["stages_s"]["register"] / stages["network"]
-                row["ratio_fraction"] = row["elastix_fraction_s"] / fraction["total_s"]
-            rows.append(row)
+                if "error" not in eager:
+                    row["ratio_network"] = eager["stages_s"]["network"] / stages["network"]
+                if "error" not in baseline:
+                    registration = stages["network"] + stages["refine"]
+                    replaced = sum(stages[key] for key in REGISTRATION_STAGES)
+                    row["elastix_fraction_s"] = fraction["total_s"] - replaced + baseline["total_s"]
+                    row["ratio_registration"] = baseline["stages_s"]["register"] / registration
+                    row["ratio_fraction"] = row["elastix_fraction_s"] / fraction["total_s"]
+                rows.append(row)
     return rows
 
 
+def _ratio(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else "-"
+
+
+def _refine(fraction: dict[str, Any]) -> str:
+    report = fraction.get("refine", {})
+    if report.get("mode", "off") == "off":
+        return "off"
+    return f"{report['mode']} {sum(report.get('iterations', []))}/{report.get('budget', '?')}"
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
-    """The Markdown report: per-stage times (one row per device and field of view), then the crops."""
+    """The Markdown report: per-stage times (one row per device, field of view and variant), then the crops."""
     columns = [
         "FOV",
         "daily CT",
-        "voxels",
         "device",
+        "variant",
+        "backend",
         *(title for _, title in STAGES),
         "total s",
+        "CPU s",
+        "load avg",
         "peak MiB",
-        "elastix reg s",
+        "refine it/budget",
         "x network",
+        "elastix reg s",
+        "x elastix reg",
         "elastix fraction s",
         "x fraction",
     ]
@@ -451,16 +552,11 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         header,
         "",
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join(["---"] * 4 + ["---:"] * (len(columns) - 4)) + "|",
+        "|" + "|".join(["---"] * 5 + ["---:"] * (len(columns) - 5)) + "|",
     ]
     for row in rows:
         study, fraction, baseline = row["study"], row["fraction"], row["elastix"]
-        first = [
-            f"{study['scale']:g}",
-            _size(study["daily_size"]),
-            f"{study['daily_voxels'] / 1e6:.2f} M",
-            row["device"],
-        ]
+        first = [f"{study['scale']:g}", _size(study["daily_size"]), row["device"], row["variant"]]
         if "error" in fraction:
             lines.append("| " + " | ".join([*first, "error: " + fraction["error"].splitlines()[0]]) + " |")
             continue
@@ -470,43 +566,55 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         failed = "error" in baseline
         cells = [
             *first,
+            fraction["backend"],
             *(_fmt(fraction["stages_s"][key]) for key, _ in STAGES),
             _fmt(fraction["total_s"]),
+            _fmt(fraction.get("cpu_s")),
+            f"{fraction.get('load_average_median', float('nan')):.1f}",
             peak,
+            _refine(fraction),
+            _ratio(row, "ratio_network"),
             "error" if failed else _fmt(baseline["stages_s"]["register"]),
-            "-" if failed else f"{row['ratio_registration']:.1f}",
-            "-" if failed else _fmt(row["elastix_fraction_s"]),
-            "-" if failed else f"{row['ratio_fraction']:.2f}",
+            _ratio(row, "ratio_registration"),
+            "-" if failed else _fmt(row.get("elastix_fraction_s")),
+            _ratio(row, "ratio_fraction"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Seconds (medians over repeats). peak MiB: growth of the peak resident set size during the fraction (GPU: "
-        "max allocated). elastix reg s: registration + deformation field on the network's box at daily resolution; "
-        "x network: that over the network stage. elastix fraction s: the fraction with preprocess + network + restore "
-        "replaced by elastix (crop and resample + registration + label warp); x fraction: that over total s.",
+        "Seconds (medians over repeats). CPU s: CPU time of the fraction's process, all threads (less bent by other "
+        "jobs on the machine than wall time). load avg: the machine's 1-minute load average before and after the "
+        "row's fractions (median; above the thread count, other jobs took a share of the cores). peak MiB: growth of "
+        "the peak resident set size during the fraction "
+        "(GPU: max allocated). refine it/budget: Adam steps run / budget of the refinement. x network: the torch-eager "
+        "variant's network stage over this row's. elastix reg s: registration + deformation field on the network's "
+        "box at daily resolution; x elastix reg: that over network + refine. elastix fraction s: the fraction with "
+        "preprocess + network + refine + restore replaced by elastix (crop and resample + registration + label "
+        "warp); x fraction: that over total s.",
         "",
-        "| FOV | planning CT | daily CT | model grid | elastix crop | elastix prep s | elastix warp s "
-        "| elastix peak MiB | study made in s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "| FOV | planning CT | daily CT | voxels | model grid | elastix crop | elastix prep s | elastix warp s "
+        "| elastix CPU s | elastix load avg | elastix peak MiB | study made in s |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     seen = set()
     for row in rows:
         study, fraction, baseline = row["study"], row["fraction"], row["elastix"]
-        if study["scale"] in seen:
+        if study["scale"] in seen or "error" in fraction:
             continue
         seen.add(study["scale"])
-        grid = "-" if "error" in fraction else _size(fraction["model_grid"]["size"])
+        grid = _size(fraction["model_grid"]["size"])
         if "error" in baseline:
-            crop, prep, warp, peak = "error", "-", "-", "-"
+            crop, prep, warp, cpu, load, peak = "error", "-", "-", "-", "-", "-"
         else:
             crop = f"{_size(baseline['crop_size'])} ({baseline['crop_voxels'] / 1e6:.2f} M)"
             prep, warp = _fmt(baseline["stages_s"]["prep"]), _fmt(baseline["stages_s"]["warp"])
             peak = f"{baseline['peak_rss_growth_mib']:.0f}"
+            cpu, load = _fmt(baseline.get("cpu_s")), f"{baseline.get('load_average_median', float('nan')):.1f}"
         made = "reused" if study["reused"] else _fmt(study["generation_s"])
         lines.append(
-            f"| {study['scale']:g} | {_size(study['planning_size'])} | {_size(study['daily_size'])} | {grid} | {crop} "
-            f"| {prep} | {warp} | {peak} | {made} |"
+            f"| {study['scale']:g} | {_size(study['planning_size'])} | {_size(study['daily_size'])} "
+            f"| {study['daily_voxels'] / 1e6:.2f} M | {grid} | {crop} | {prep} | {warp} | {cpu} | {load} | {peak} "
+            f"| {made} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -529,28 +637,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     def add(label: str, style: dict[str, Any], x: float, y: float) -> None:
         series.setdefault(label, (style, []))[1].append((x, y))
 
+    styles = {"torch-eager": ":", "no-refine": "-", "default": "-.", "amp": "--"}
+    first = rows[0]
     for row in rows:
-        x, fraction, baseline, device = row["study"]["daily_voxels"], row["fraction"], row["elastix"], row["device"]
+        x, fraction, baseline = row["study"]["daily_voxels"], row["fraction"], row["elastix"]
+        device, variant = row["device"], row["variant"]
         colour = colours.get(device, "tab:orange")
         if "error" not in fraction:
+            style = {"marker": "o", "ls": styles.get(variant, "-"), "color": colour}
+            add(f"fraction, {variant} ({device})", style, x, fraction["total_s"])
+            add(f"network stage, {variant} ({device})", {**style, "marker": "^"}, x, fraction["stages_s"]["network"])
+        if "error" not in baseline and device == first["device"] and variant == first["variant"]:
+            # elastix runs on the CPU once per size, whatever the network's devices and variants
             add(
-                f"network fraction, total ({device})",
-                {"marker": "o", "ls": "-", "color": colour},
+                "elastix registration (CPU)",
+                {"marker": "s", "ls": "--", "color": "k"},
                 x,
-                fraction["total_s"],
+                baseline["stages_s"]["register"],
             )
-            add(
-                f"network stage ({device})",
-                {"marker": "o", "ls": "--", "color": colour},
-                x,
-                fraction["stages_s"]["network"],
-            )
-        if "error" in baseline or device != rows[0]["device"]:
-            continue  # elastix runs on the CPU once per size, whatever the network's devices
-        add(
-            "elastix registration (CPU)", {"marker": "s", "ls": "--", "color": "k"}, x, baseline["stages_s"]["register"]
-        )
-        if "elastix_fraction_s" in row:
+        if "elastix_fraction_s" in row and variant == "no-refine":
             label = f"fraction with elastix for the network ({device})"
             add(label, {"marker": "s", "ls": "-", "color": "k"}, x, row["elastix_fraction_s"])
     for label, (style, points) in series.items():
@@ -578,12 +683,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", nargs="+", choices=("cpu", "cuda"), default=None, help="default: cpu (+ cuda)")
-    parser.add_argument("--threads", type=int, default=2, help="torch, SimpleITK and elastix threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch, engine, SimpleITK and elastix threads (2)")
     parser.add_argument(
         "--fov-scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="S",
         help="field-of-view scales: in-plane 500 S mm, scan length 120 + 240 S mm (default 0.5 0.75 1)",
     )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=1, help="fractions per size and device (median, default 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="fractions per size, device and variant (median)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=None,
+        help="bundle variants (default: torch-eager no-refine default, plus amp on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle", help="bundle folder (default: bundle)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed", help="result folder")
     parser.add_argument("--data", type=Path, default=None, help="keep (and reuse) the generated studies here")
@@ -592,13 +701,74 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _variants(device: str, chosen: Sequence[str] | None) -> list[str]:
+    names = list(chosen) if chosen else [name for name in VARIANTS if name != "amp" or device == "cuda"]
+    return [name for name in names if name != "amp" or device == "cuda"]  # autocast is a CUDA option
+
+
+def measure_fractions(
+    studies: list[dict[str, Any]], bundle: str, devices: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every variant on every device and field of view, repeats interleaved; summaries per study."""
+    runs: dict[str, dict[str, list[list[dict[str, Any]]]]] = {
+        device: {name: [[] for _ in studies] for name in _variants(device, args.variants)} for device in devices
+    }
+    for repeat in range(args.repeats):
+        for device, variants in runs.items():
+            for n_study, study in enumerate(studies):
+                for name, per_study in variants.items():
+                    label = f"fraction {study['scale']:g} on {device}, {name} ({repeat + 1}/{args.repeats})"
+                    inputs = (study["session"], bundle, device, args.threads, VARIANTS[name])
+                    per_study[n_study].append(_attempt(label, measure_fraction, *inputs))
+    return {
+        device: {name: [_summarise(study_runs) for study_runs in per_study] for name, per_study in variants.items()}
+        for device, variants in runs.items()
+    }
+
+
+def measure_elastix_all(
+    studies: list[dict[str, Any]],
+    fractions: dict[str, dict[str, list[dict[str, Any]]]],
+    settings: ElastixSettings,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """elastix on each study's crop (the model grid and rigid alignment of a successful fraction)."""
+    elastix = []
+    for n_study, study in enumerate(studies):
+        candidates = [summaries[n_study] for variants in fractions.values() for summaries in variants.values()]
+        source = next((c for c in candidates if "error" not in c), None)
+        if source is None:
+            elastix.append({"error": "no network fraction succeeded, so there is no model grid to crop to"})
+            continue
+        label = f"elastix {study['scale']:g}"
+        inputs = (study["session"], source["model_grid"], source["daily_to_planning"], settings, args.threads)
+        runs = [_attempt(f"{label} ({n + 1}/{args.repeats})", measure_elastix, *inputs) for n in range(args.repeats)]
+        elastix.append(_summarise(runs))
+    return elastix
+
+
+def _header(args: argparse.Namespace, hardware: dict[str, Any], rows: list[dict], settings: ElastixSettings) -> str:
+    ok = [row["fraction"] for row in rows if "error" not in row["fraction"]]
+    model = ok[0]["settings"] if ok else {}
+    loads = [v for fraction in ok for run in fraction["runs"] if "error" not in run for v in run["load_average"]]
+    load = f"; 1-min load average during the fractions: median {statistics.median(loads):.1f}" if loads else ""
+    gpu = hardware.get("gpu") or {}
+    return (
+        f"prostate-jrs fraction time (s), {'tiny' if args.tiny else 'clinical'} phantom, seed {args.seed}; "
+        f"{hardware['cpu_model']}, {hardware['usable_cores']} cores, {args.threads} threads"
+        + (f"; GPU {gpu.get('name')}" if gpu else "")
+        + f"; network {model.get('network_name')} at {model.get('model_spacing_mm')} mm; elastix "
+        f"{settings.resolutions} levels x {settings.iterations} iterations, {settings.grid_spacing_mm:g} mm grid; "
+        f"medians of {args.repeats} repeat(s){load}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns 0, or 1 when a measurement failed (its row says so)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.seed < 0 or min(args.fov_scales) <= 0:
         parser.error("--threads and --repeats must be >= 1, --seed >= 0 and the scales positive")
-    scales = sorted(args.fov_scales)
     # CUDA is queried in a child: initialised in this process, it would be unusable in every later fork
     cuda = run_forked(cuda_facts) if torch.backends.cuda.is_built() else {"available": False}
     devices = args.device or (["cpu", "cuda"] if cuda["available"] else ["cpu"])
@@ -615,54 +785,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = args.data.resolve() if args.data is not None else work / "studies"
         kind = "tiny" if args.tiny else "clinical"
         studies = []
-        for scale in scales:
+        for scale in sorted(args.fov_scales):
             study = run_forked(make_study, data / f"{kind}_fov{scale:g}_seed{args.seed}", scale, args.seed, args.tiny)
             studies.append(study)
-            print(
-                f"  study {scale:g}: daily CT {_size(study['daily_size'])} ({study['generation_s']:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        fractions: dict[str, list[dict[str, Any]]] = {}
-        for device in devices:
-            fractions[device] = []
-            for study in studies:
-                label = f"fraction {study['scale']:g} on {device}"
-                inputs = (study["session"], str(bundle), device, args.threads)
-                runs = [
-                    _attempt(f"{label} ({n + 1}/{args.repeats})", measure_fraction, *inputs)
-                    for n in range(args.repeats)
-                ]
-                fractions[device].append(_summarise(runs))
-
+            size = _size(study["daily_size"])
+            print(f"  study {scale:g}: daily CT {size} ({study['generation_s']:.1f} s)", file=sys.stderr, flush=True)
+        exports = {device: run_forked(prepare_bundle, str(bundle), device, args.threads) for device in devices}
+        fractions = measure_fractions(studies, str(bundle), devices, args)
         itk_load_s = load_itk()  # after the network children: they need not carry ITK's ~1 GB
-        elastix = []
-        for n_study, study in enumerate(studies):
-            source = next((f[n_study] for f in fractions.values() if "error" not in f[n_study]), None)
-            if source is None:
-                elastix.append({"error": "no network fraction succeeded, so there is no model grid to crop to"})
-                continue
-            label = f"elastix {study['scale']:g}"
-            inputs = (study["session"], source["model_grid"], source["daily_to_planning"], settings, args.threads)
-            runs = [
-                _attempt(f"{label} ({n + 1}/{args.repeats})", measure_elastix, *inputs) for n in range(args.repeats)
-            ]
-            elastix.append(_summarise(runs))
+        elastix = measure_elastix_all(studies, fractions, settings, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     rows = build_rows(studies, fractions, elastix)
     hardware = {**hardware_info(), "threads": args.threads, "gpu": cuda if "cuda" in devices else None}
-    model = next((f[0]["settings"] for f in fractions.values() if "error" not in f[0]), {})
-    header = (
-        f"prostate-jrs fraction time (s), {'tiny' if args.tiny else 'clinical'} phantom, seed {args.seed}; "
-        f"{hardware['cpu_model']}, {hardware['usable_cores']} cores, {args.threads} threads"
-        + (f"; GPU {cuda.get('name')}" if "cuda" in devices else "")
-        + f"; network {model.get('network_name')} at {model.get('model_spacing_mm')} mm; elastix "
-        f"{settings.resolutions} levels x {settings.iterations} iterations, {settings.grid_spacing_mm:g} mm grid"
-    )
-    report = markdown(rows, header)
+    report = markdown(rows, _header(args, hardware, rows, settings))
     print(report, end="")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.md").write_text(report)
@@ -674,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bundle": str(args.bundle),
         "tiny_bundle_settings": TINY_BUNDLE if args.tiny else None,
         "devices": devices,
+        "variants": {name: VARIANTS[name] for name in sorted({row["variant"] for row in rows})},
+        "export": exports,
         "hardware": hardware,
         "versions": software_versions(),
         "elastix_settings": dataclasses.asdict(settings),

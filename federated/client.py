@@ -34,6 +34,8 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from nvflare.app_common.abstract.fl_model import ParamsType
 from nvflare.client.tracking import SummaryWriter
 
+from prostate_jrs.federated_policy import code_in_overrides
+
 #: Environment variable a site admin can set instead of naming the dataset folder in the job.
 DATASET_ENV = "PROSTATE_JRS_DATASET_DIR"
 #: Environment variable for the site-local output folder (checkpoints, CSVs, TensorBoard of the bundle).
@@ -147,6 +149,9 @@ def make_algo(
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the federated loop until the server ends the job."""
     args = build_parser().parse_args(argv)
+    code = code_in_overrides(dict(args.override))
+    if code:  # override values are data; code in them would run at this site (MONAI evaluates "$...")
+        raise ValueError(f"bundle overrides that would run code are refused: {'; '.join(code)}")
     flare.init()
     site = flare.get_site_name()
     dataset_dir = resolve_dataset_dir(args.dataset_dir)

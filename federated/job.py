@@ -337,7 +337,8 @@ def export_bundle_model(checkpoint: Path, target: Path, name: str, widths: Seque
 
     NVFlare saves ``{"model": state_dict, "train_conf": ...}``; the bundle's CheckpointLoader reads the
     ``model`` entry, so the conversion keeps only that entry, as tensors, after a strict load into
-    ``build_network(name, widths)``.
+    ``build_network(name, widths)``. Written into a bundle (``BUNDLE/models/model.pt``), its sha256 is recorded in
+    ``BUNDLE/configs/metadata.json``, against which the app checks the weights.
 
     Raises:
         FileNotFoundError: if ``checkpoint`` is missing.
@@ -363,6 +364,11 @@ def export_bundle_model(checkpoint: Path, target: Path, name: str, widths: Seque
     tmp = target.with_suffix(".partial")
     torch.save({"model": network.state_dict()}, tmp)
     tmp.replace(target)
+    bundle = target.parent.parent
+    if target.parent.name == "models" and target.name == "model.pt" and (bundle / "configs" / "metadata.json").exists():
+        from prostate_jrs.trust import record_model_hash
+
+        record_model_hash(bundle)  # new weights of this bundle: load_bundle checks them against this hash
     return target
 
 

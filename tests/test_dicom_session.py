@@ -1,4 +1,5 @@
-"""``load_session`` on a synthetic DICOM session: missing structures are reported, an RTSTRUCT without any refused."""
+"""``load_session`` on a synthetic DICOM session: missing structures are reported, an RTSTRUCT without any refused;
+a patient bundle is refused for another patient's session, and ``qa.json`` says which model ran."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import pytest
 import SimpleITK as sitk
 from dicom_edits import edit_rois
 
+from prostate_jrs.adaptation.patient_bundle import PatientBundleError
 from prostate_jrs.dicom.rtstruct_reader import RTStructError
-from prostate_jrs.dicom_session import load_session, qa_document
+from prostate_jrs.dicom_session import check_bundle_for_session, load_session, process_session, qa_document
+from prostate_jrs.node.runner import ERROR_PREFIX
+from prostate_jrs.node.worker import main as worker_main
 from prostate_jrs.phantom import PhantomConfig, write_dataset
 from prostate_jrs.phantom.dicom_export import export_dicom_sessions
 from prostate_jrs.pipeline import PipelineSettings
+from prostate_jrs.trust import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +78,29 @@ def test_rtstruct_without_any_structure_is_refused(session_folder: Path, tmp_pat
     ds.save_as(rtstruct)
     with pytest.raises(RTStructError, match="'Prostate', 'SV', 'Rectum', 'Bladder' map to a structure but have no"):
         load_session(folder)
+
+
+def test_a_patient_bundle_is_refused_for_another_patient_and_nothing_is_written(
+    patient_bundle: Path, handover: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the DICOM node's path (process_session): the check comes before the network is loaded or anything written
+    out = tmp_path / "out"
+    with pytest.raises(PatientBundleError, match=r"a patient bundle adapted for another patient .* is refused"):
+        process_session(handover["JRS002"][2].scan, out, patient_bundle)
+    assert not out.exists()
+    # the node's worker process: exit status 1, one error line, nothing written
+    assert worker_main([str(handover["JRS002"][2].scan), str(out), str(patient_bundle), "--device", "cpu"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1 and "a patient bundle adapted for another patient" in errors[0]
+    assert not out.exists()
+    check_bundle_for_session(patient_bundle, load_session(handover["JRS001"][2].scan))  # its own patient passes
+
+
+def test_qa_json_says_which_model_ran(patient_bundle: Path, handover: dict) -> None:
+    inputs = load_session(handover["JRS001"][2].scan)
+    result = SimpleNamespace(contour_source={}, model_grid=sitk.Image(4, 4, 4, sitk.sitkUInt8), qa={})
+    document = qa_document(result, inputs, PipelineSettings(), bundle=str(patient_bundle))  # type: ignore[arg-type]
+    model = document["model"]
+    assert model["kind"] == "patient" and model["sha256"] == sha256_file(patient_bundle / "models" / "model.pt")
+    assert model["fractions_used"] == 1 and len(model["base_sha256"]) == 64
+    assert qa_document(result, inputs, PipelineSettings())["model"] is None  # type: ignore[arg-type]

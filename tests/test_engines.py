@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from prostate_jrs.engines import (
     restore_item,
 )
 from prostate_jrs.evaluation import DEFAULT_CONTOUR_SOURCE, DailyGridResult
+from prostate_jrs.inferers import RefiningInferer
 from prostate_jrs.losses import JRSLoss
 from prostate_jrs.nets import build_network
+from prostate_jrs.refine import RefineReport
 
 PATCH = 48  # the smallest input the valid-convolution U-Net takes (-> 8^3 output)
 
@@ -183,9 +186,41 @@ def test_evaluation_writer_tables_and_montage(tmp_path: Path) -> None:
     names = sorted(p.name for p in (tmp_path / "eval").iterdir())
     assert names == ["ddf_quality.csv", "metrics_per_case.csv", "metrics_summary.csv", "montage.png"]
     per_case = (tmp_path / "eval" / "metrics_per_case.csv").read_text().splitlines()
-    assert per_case[0].startswith("case,patient,path,structure,dsc,msd_mm,hd95_mm")
+    assert per_case[0].startswith("case,patient,refine,path,structure,dsc,msd_mm,hd95_mm")
     assert len(per_case) == 1 + 3 * 4
-    assert any(line.startswith("p0_f1,p0,reg,prostate,1,0,0") for line in per_case)
+    assert any(line.startswith("p0_f1,p0,off,reg,prostate,1,0,0") for line in per_case)
     summary = (tmp_path / "eval" / "metrics_summary.csv").read_text()
-    assert "final,bladder,dsc,1,0," in summary and "ddf,all,folding_fraction" in summary
+    assert "off,final,bladder,dsc,1,0," in summary and "off,ddf,all,folding_fraction" in summary
     assert engine.state.metrics["final_dsc_prostate"] == pytest.approx(1.0)
+
+
+def test_evaluation_writer_scores_network_and_refined_side_by_side(tmp_path: Path) -> None:
+    """With a refining inferer the tables hold the network's rows (refine=off) and the refined ones (its mode)."""
+    daily, planning, affine = _daily_files(tmp_path)
+    batch, output = _items(daily, planning, affine, with_reference=True)
+    refiner = RefiningInferer(lambda inputs, network: inputs, mode="fast")
+    network_pred = output["pred"].clone()
+    network_pred[0] = 2.0  # the network's DDF: two voxels off; the refined one (output) is the identity
+    refiner.network_pred = network_pred[None]
+    engine = _engine(batch, output)
+    EvaluationWriter(tmp_path / "eval", num_montage_cases=1, refiner=refiner).attach(engine)
+    engine.run([0], max_epochs=1)
+    with (tmp_path / "eval" / "metrics_per_case.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["refine"] for r in rows} == {"off", "fast"} and len(rows) == 2 * 3 * 4
+    dsc = {r["refine"]: float(r["dsc"]) for r in rows if r["path"] == "reg" and r["structure"] == "prostate"}
+    assert dsc["fast"] == pytest.approx(1.0) and dsc["off"] < 0.9
+    assert engine.state.metrics["final_dsc_prostate"] == pytest.approx(1.0)  # the deployed (refined) rows
+
+
+def test_inference_writer_records_the_refinement(tmp_path: Path) -> None:
+    daily, planning, affine = _daily_files(tmp_path)
+    batch, output = _items(daily, planning, affine)
+    refiner = RefiningInferer(lambda inputs, network: inputs, mode="fast")
+    refiner.reports = [RefineReport(refiner.settings, 0.5, 0.25, [3, 2], 1.5)]  # type: ignore[arg-type]
+    engine = _engine(batch, output)
+    InferenceWriter(tmp_path / "out", refiner=refiner).attach(engine)
+    engine.run([0], max_epochs=1)
+    qa = json.loads((tmp_path / "out" / "p0_f1" / "p0_f1_qa.json").read_text())
+    assert qa["refine"]["mode"] == "fast" and qa["refine"]["similarity_after"] == 0.25
+    assert qa["refine"]["iterations"] == [3, 2]

@@ -14,6 +14,7 @@ from prostate_jrs.evaluation import (
     DEFAULT_CONTOUR_SOURCE,
     case_metrics,
     compose_contours,
+    compose_rigid,
     ddf_error,
     ddf_to_grid,
     field_of_view_mask,
@@ -251,3 +252,21 @@ def test_islands_of_single_organs_are_removed_but_not_seminal_vesicle_lobes() ->
     assert cleaned.dtype == np.uint8 and cleaned.shape == labels.shape
     assert (cleaned == 4).sum() == 8**3 and (cleaned == 2).sum() == (labels == 2).sum()
     np.testing.assert_array_equal(keep_largest_components(labels[None])[0], cleaned)
+
+
+def test_compose_rigid_expresses_the_ddf_against_the_planning_file() -> None:
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 100.0]
+    ddf = np.random.default_rng(0).normal(size=(3, 4, 5, 6)).astype(np.float32)
+    np.testing.assert_array_equal(compose_rigid(ddf, affine, np.eye(4)), ddf)
+    shift = np.eye(4)
+    shift[:3, 3] = [4.0, -2.0, 9.0]  # mm: a pure translation adds itself in voxel units of the grid
+    np.testing.assert_allclose(
+        compose_rigid(ddf, affine, shift), ddf + np.array([2.0, -1.0, 3.0])[:, None, None, None], atol=1e-5
+    )
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    full = compose_rigid(ddf, affine, rotation, slab=2)  # slabs give what one pass gives
+    x = np.array([1, 2, 3])
+    point = affine @ np.r_[x + ddf[:, 1, 2, 3], 1.0]
+    np.testing.assert_allclose(affine @ np.r_[x + full[:, 1, 2, 3], 1.0], rotation @ point, atol=1e-4)

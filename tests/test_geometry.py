@@ -6,7 +6,15 @@ import SimpleITK as sitk
 import torch
 from monai.networks.blocks import Warp
 
-from prostate_jrs.geometry import array_from_image, image_from_array, index_to_world, resample_with_ddf, world_to_index
+from prostate_jrs.geometry import (
+    array_from_image,
+    array_view,
+    image_from_array,
+    index_to_world,
+    label_counts,
+    resample_with_ddf,
+    world_to_index,
+)
 
 
 def _image(size, spacing, origin, direction=None, seed=0):
@@ -73,3 +81,18 @@ def test_resampling_across_grids_goes_through_world_coordinates():
     assert resample_with_ddf(moving, fixed, shift, order=0)[0, 0, 0] == moving_array[5, 0, 1]
     with pytest.raises(ValueError, match="does not match fixed grid"):
         resample_with_ddf(moving, fixed, shift[:, :4])
+
+
+def test_label_counts_match_bincount_for_every_layout() -> None:
+    """Chunked uint8 histogram (SimpleITK views, C order, strided) and the np.unique path for other integers."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (30, 40, 20)).astype(np.uint8)
+    expected = np.bincount(labels.ravel())
+    image = sitk.GetImageFromArray(labels)
+    assert np.array_equal(label_counts(array_view(image)), expected)  # (I, J, K) view of SimpleITK's buffer
+    assert np.array_equal(label_counts(labels, chunk=7), expected)
+    assert np.array_equal(label_counts(labels[::2]), np.bincount(labels[::2].ravel()))
+    assert np.array_equal(label_counts(labels.astype(np.int16)), expected)
+    assert label_counts(np.zeros((2, 2, 2), dtype=np.uint8)).tolist() == [8]
+    with pytest.raises(ValueError, match="negative"):
+        label_counts(np.full((2, 2, 2), -1, dtype=np.int16))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from prostate_jrs.pipeline import (
     load_bundle,
     run_pipeline,
 )
+from prostate_jrs.refine import refine_settings
+from prostate_jrs.trust import record_model_hash
 
 BORDER = 20  # valid-convolution border of the JRS networks: 56^3 -> 16^3
 TINY = PipelineSettings(model_spacing=4.0, crop_margin_mm=16.0, patch_size=56, output_size=16, tile_batch_size=8)
@@ -147,9 +150,28 @@ def test_refine_step_is_called_on_the_model_grid(patient: Patient) -> None:
         planning.image, planning.labels, planning.image, EchoNet((2.0, 1.0, 0.0)), TINY, zero_ddf, rigid=rigid
     )
     assert len(calls) == 1
-    assert calls[0][0][1] == 3 and calls[0][1][1] == 8 and calls[0][0][2:] == calls[0][1][2:]
-    assert calls[0][0][2:] == tuple(result.model_grid.GetSize())
+    border = (TINY.patch_size - TINY.output_size) // 2  # inputs carry the network's context around pred's grid
+    assert calls[0][0][1] == 3 and calls[0][1][1] == 8
+    assert calls[0][0][2:] == tuple(n + 2 * border for n in calls[0][1][2:])
+    assert calls[0][1][2:] == tuple(result.model_grid.GetSize())
     assert not result.ddf.any()
+    assert result.qa["refine"] == {"mode": "off"}
+
+
+def test_built_in_refinement_runs_and_is_reported(patient: Patient) -> None:
+    """``settings.refine`` optimises the network's DDF; QA records mode, budget, losses and time."""
+    planning = patient.planning
+    daily = _shifted(planning.image, OFFSET)
+    rigid = RigidAlignment(_translation(-OFFSET * 0.5), None, "given")  # half the shift left for the DDF
+    refine = refine_settings("fast", {"levels": [2, 1], "control_spacing": [4, 2], "iterations": [20, 10]})
+    settings = replace(TINY, refine=refine)
+    result = run_pipeline(planning.image, planning.labels, daily, EchoNet((0.0, 0.0, 0.0)), settings, rigid=rigid)
+    report = result.qa["refine"]
+    assert report["mode"] == "fast" and report["budget"] == sum(settings.refine.iterations)
+    assert report["similarity_after"] < report["similarity_before"]
+    assert sum(report["iterations"]) > 0 and report["seconds"] > 0
+    assert result.timings["refine"] > 0
+    assert result.ddf[:, result.fov].any()  # the zero network DDF was changed
 
 
 def test_folding_is_flagged(patient: Patient) -> None:
@@ -227,6 +249,9 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
     torch.manual_seed(1)
     reference = build_network("cross_stitch", [4, 8, 16])
     torch.save(reference.state_dict(), bundle / "models" / "model.pt")
+    with pytest.raises(BundleError, match="does not match model_sha256"):  # not the weights metadata.json names
+        load_bundle(bundle)
+    record_model_hash(bundle)
     network, settings = load_bundle(bundle)
     assert settings.model_spacing == 4.0 and settings.crop_margin_mm == 16.0
     assert settings.patch_size == 56 and settings.output_size == 16
@@ -236,6 +261,7 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(network.state_dict()[name], value)
 
     torch.save({"model": build_network("cross_stitch", [4, 8, 8]).state_dict()}, bundle / "models" / "model.pt")
+    record_model_hash(bundle)
     with pytest.raises(ValueError, match="do not fit network"):
         load_bundle(bundle)
 
@@ -243,7 +269,7 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
 def test_restoring_around_the_model_grid_matches_the_whole_daily_grid(patient: Patient) -> None:
     from prostate_jrs.evaluation import restore_to_daily_grid
     from prostate_jrs.geometry import index_to_world
-    from prostate_jrs.pipeline import _daily_box, _restore, model_grid
+    from prostate_jrs.pipeline import _restore, model_grid
 
     torch.manual_seed(0)
     planning, daily = patient.planning, patient.fractions[0].image
@@ -254,8 +280,6 @@ def test_restoring_around_the_model_grid_matches_the_whole_daily_grid(patient: P
     args = (index_to_world(planning.labels), source)
     whole = restore_to_daily_grid(pred, index_to_world(grid), index_to_world(daily), daily.GetSize(), labels, *args)
     boxed = _restore(pred, grid, daily, labels, *args)
-    for name in ("reg", "seg", "labels", "fov"):
-        np.testing.assert_array_equal(getattr(boxed, name), getattr(whole, name), err_msg=name)
-    lo, hi = _daily_box(grid, daily)
-    inside = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
-    np.testing.assert_allclose(boxed.ddf[inside], whole.ddf[inside], atol=1e-5)
+    for name in ("reg", "seg", "labels"):
+        np.testing.assert_array_equal(array_from_image(boxed.image(name, daily)), getattr(whole, name), err_msg=name)
+    np.testing.assert_array_equal(boxed.fov(daily.GetSize()), whole.fov)

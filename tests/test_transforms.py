@@ -50,6 +50,8 @@ def _write_pair(root: Path) -> dict[str, str]:
         "moving_label": "plan_label.nii.gz",
         "fixed_label": "daily_label.nii.gz",
         "patient": "p0",
+        # boxes have no bone to align on; both scans share one world, as the record says
+        "rigid": {"daily_to_planning": np.eye(4).tolist(), "residual_mm": None, "method": "none"},
     }
     (root / "datalist.json").write_text(json.dumps({"training": [files], "validation": [], "test": [files]}))
     return files
@@ -93,7 +95,7 @@ def _bundle_preprocessing(spacing: float, margin_mm: float) -> Compose:
 def test_paired_preprocessing_aligns_grids_through_the_affines(tmp_path: Path) -> None:
     """Planning and daily scans on different grids come out on one model grid, anatomy aligned."""
     files = _write_pair(tmp_path)
-    item = {k: str(tmp_path / v) if k != "patient" else v for k, v in files.items()}
+    item = {k: str(tmp_path / v) if k not in ("patient", "rigid") else v for k, v in files.items()}
     out = _bundle_preprocessing(spacing=2.0, margin_mm=8.0)(item)
     image, fixed_label = out["image"], out["fixed_label"]
     assert image.shape[0] == 3 and image.shape[1:] == fixed_label.shape[1:]
@@ -103,7 +105,10 @@ def test_paired_preprocessing_aligns_grids_through_the_affines(tmp_path: Path) -
     for label in (1, 3, 4):
         a, b = moving_label == label, daily_label == label
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
-        assert dice > 0.8, (label, dice)  # two nearest-neighbour resamplings of 3 mm boxes
+        # 12-48 mm boxes drawn on 3 mm and 2.5 mm grids, each resampled once by nearest neighbour onto 2 mm: the two
+        # discretisations differ by up to a voxel per face (the 12 mm rectum box: Dice 0.74-0.80 by grid phase); an
+        # offset between the scans would show in the centroids below
+        assert dice > 0.7, (label, dice)
         # no systematic offset: centroids agree within one model voxel (each grid discretises the boxes)
         np.testing.assert_allclose(np.argwhere(a).mean(axis=0), np.argwhere(b).mean(axis=0), atol=1.0)
     # same world anatomy, so the intensity channels agree too (up to interpolation)
@@ -176,8 +181,10 @@ def test_preprocessing_refuses_planning_contours_outside_the_daily_scan(tmp_path
     far[:3, 3] = [60.0, 70.0, 500.0]  # the planning scan 50 cm away from the daily one
     label = nib.load(tmp_path / files["moving_label"])
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), far), tmp_path / files["moving_label"])
-    item = {k: str(tmp_path / v) if k != "patient" else v for k, v in files.items()}
+    item = {k: str(tmp_path / v) if k not in ("patient", "rigid") else v for k, v in files.items()}
     with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps the transform's error
         _bundle_preprocessing(spacing=2.0, margin_mm=8.0)(item)
     assert isinstance(info.value.__cause__, ValueError)
-    assert "plan_label.nii.gz (moving_label): no contour on the daily grid" in str(info.value.__cause__)
+    message = str(info.value.__cause__)
+    assert "daily.nii.gz with " in message and "plan_label.nii.gz" in message
+    assert "planning contours lie outside the daily CT" in message

@@ -2,14 +2,23 @@
 
 Subcommands:
 
-* ``synth OUT --patients N --fractions F --seed S [--spacing MM] [--preview]``: synthetic dataset
-  (NIfTI + ``datalist.json``), see :mod:`prostate_jrs.phantom`. With ``--sites K``: one dataset folder per
-  site, ``OUT/site-1`` ... ``OUT/site-K``, each from another hospital profile (:mod:`prostate_jrs.phantom.sites`),
-  the layout of ``federated/job.py --dataset-root OUT``.
+* ``synth OUT --patients N --fractions F --seed S [--spacing MM] [--preview] [--dicom [sessions|archive]]``:
+  synthetic dataset (NIfTI + ``datalist.json``), see :mod:`prostate_jrs.phantom`. With ``--sites K``: one dataset
+  folder per site, ``OUT/site-1`` ... ``OUT/site-K``, each from another hospital profile
+  (:mod:`prostate_jrs.phantom.sites`), the layout of ``federated/job.py --dataset-root OUT``. ``--dicom`` also writes
+  ``OUT/dicom/<patient>_f<NN>/`` (planning CT + planning RTSTRUCT + daily CT per session,
+  :mod:`prostate_jrs.phantom.dicom_export`); ``--dicom archive`` writes ``OUT/dicom/`` as a hospital's archive export.
+* ``import DICOM_ROOT OUT [--synonyms FILE] [--validation-fraction F] [--test-fraction F] [--seed S] [--workers N]``:
+  a hospital's DICOM archive -> the dataset format, pseudonymised (:mod:`prostate_jrs.datasets`).
+* ``adapt --bundle BUNDLE --sessions DIR [DIR ...] --out PATIENT_BUNDLE [--steps N]``: fine-tune the bundle on one
+  patient's approved fractions and write a patient bundle that runs for that patient only
+  (:mod:`prostate_jrs.adaptation`).
+* ``node --ae-title T --port P --workdir W --send-to AET@HOST:PORT [--bundle B] [--allow AET ...]``: the DICOM node
+  (:mod:`prostate_jrs.node`): receives sessions by C-STORE, runs the pipeline, sends the results back; runs until
+  interrupted (Ctrl-C or SIGTERM).
 
 Each subcommand is a ``_add_<name>`` function that declares its arguments and a ``_run_<name>`` function
-that does the work; :func:`build_parser` registers them. ``synth --dicom`` also writes ``OUT/dicom/<patient>_f<NN>/``
-(planning CT + planning RTSTRUCT + daily CT per session, :mod:`prostate_jrs.phantom.dicom_export`). Planned: ``demo``.
+that does the work; :func:`build_parser` registers them. Planned: ``demo``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -47,14 +57,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of mm, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of mm, got {value}")
-    return value
+def _positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse type for a positive number of ``unit`` (named in its error message)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,7 +87,7 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=_non_negative_int, required=True, metavar="S", help="random seed")
     parser.add_argument(
         "--spacing",
-        type=_positive_float,
+        type=_positive_number("mm"),
         nargs="+",
         metavar="MM",
         help="voxel size in mm: one value (isotropic) or three (x y z); default 0.977 0.977 3 (clinical)",
@@ -97,11 +112,19 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--preview", action="store_true", help="also write <patient>_preview.png")
     parser.add_argument(
         "--dicom",
-        action="store_true",
+        nargs="?",
+        const="sessions",
+        choices=("sessions", "archive"),
+        default=None,
+        metavar="LAYOUT",
         help=(
-            "also write OUT/dicom/<patient>_f<NN>/ per session: planning CT series, planning RTSTRUCT and daily CT "
-            "series (own study and frame of reference), ready for `python app -i`; OUT/dicom/sessions.json links "
-            "each session to its ground truth in the NIfTI dataset"
+            "also write DICOM. 'sessions' (the default of a bare --dicom): OUT/dicom/<patient>_f<NN>/ per session, "
+            "planning CT series, planning RTSTRUCT and daily CT series (own study and frame of reference), ready for "
+            "`python app -i`; OUT/dicom/sessions.json links each session to its ground truth. 'archive': OUT/dicom/ "
+            "as a hospital's export for `prostate-jrs import`: per patient nested study folders with planning CT, "
+            "RTSTRUCT, RTPLAN and daily CTs with their approved RTSTRUCTs (the last patient's last fraction without), "
+            "a stray series of another patient, a duplicate export and a non-DICOM file; OUT/dicom/archive.json "
+            "links them to the ground truth"
         ),
     )
     parser.set_defaults(run=_run_synth)
@@ -145,10 +168,11 @@ def _run_synth(args: argparse.Namespace) -> int:
         progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.1f} s)", flush=True),
     )  # fmt: skip
     if args.dicom:
-        from prostate_jrs.phantom.dicom_export import export_dicom_sessions
+        from prostate_jrs.phantom.dicom_export import export_dicom_archive, export_dicom_sessions
 
+        export = export_dicom_archive if args.dicom == "archive" else export_dicom_sessions
         try:
-            sessions = export_dicom_sessions(
+            sessions = export(
                 datalist.parent,
                 progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.1f} s)", flush=True),
             )
@@ -161,8 +185,290 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_node(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "node",
+        help="run a DICOM node: receive sessions by C-STORE, run the pipeline, send results back",
+        description=(
+            "A DICOM storage SCP (C-STORE, C-ECHO) in front of the pipeline. It keeps CT and RTSTRUCT instances "
+            "(other storage classes are refused with status 0122), groups them by patient, treats a patient's "
+            "session as complete when its associations have ended and nothing of it arrived for --quiet-seconds, "
+            "runs the bundle's pipeline on it "
+            "in a child process (one job at a time per patient) and sends SEG, the registration object and the "
+            "RTSTRUCT by C-STORE to --send-to. Each job keeps its data, log and reason under WORKDIR/jobs/. Runs "
+            "until Ctrl-C or SIGTERM."
+        ),
+    )
+    parser.add_argument("--ae-title", required=True, metavar="T", help="the node's AE title")
+    parser.add_argument("--port", type=_non_negative_int, required=True, metavar="P", help="TCP port to listen on")
+    parser.add_argument("--workdir", required=True, metavar="W", help="work folder (jobs, logs); created if missing")
+    parser.add_argument(
+        "--send-to", required=True, metavar="AET@HOST:PORT", help="where results go, e.g. PACS@10.0.0.5:104"
+    )
+    parser.add_argument("--bundle", metavar="B", help="bundle folder (default: the repository's bundle/)")
+    parser.add_argument(
+        "--allow", action="append", default=[], metavar="AET",
+        help="calling AE title allowed to connect (repeat for several); default: any",
+    )  # fmt: skip
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument(
+        "--quiet-seconds", type=_positive_number("seconds"), default=20.0, metavar="S",
+        help="a patient's session is complete S seconds after its last association ended, if nothing more of it "
+        "arrived (default 20)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quota-gb", type=_positive_number("GB"), default=50.0, metavar="G",
+        help="most the work folder may hold; instances beyond are refused with status A700 (default 50)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retention-days", type=_positive_number("days"), default=7.0, metavar="D",
+        help="delete finished jobs (done or failed) D days after they finished (default 7)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--send-attempts", type=_positive_int, default=3, metavar="N", help="C-STORE tries of the results (default 3)"
+    )
+    parser.add_argument(
+        "--retry-seconds", type=_positive_number("seconds"), default=10.0, metavar="S",
+        help="pause between attempts (default 10)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--job-timeout-minutes", type=_positive_number("minutes"), default=60.0, metavar="M",
+        help="stop a job's processing after M minutes (default 60)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-jobs", type=_positive_int, default=1, metavar="N",
+        help="jobs processed at once, of different patients (default 1)",
+    )  # fmt: skip
+    parser.add_argument("--device", default=None, help="torch device (default: $PROSTATE_JRS_DEVICE, else cuda if any)")
+    parser.add_argument(
+        "--app-command", default=None, metavar="CMD",
+        help=(
+            "run CMD instead of the library pipeline, e.g. the MAP; {input}, {output} and {bundle} are replaced "
+            "by the job's folders and the bundle; CMD must write the app's outputs into {output}"
+        ),
+    )  # fmt: skip
+    parser.set_defaults(run=_run_node)
+    return parser
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from prostate_jrs.node import Destination, NodeConfig, serve
+    from prostate_jrs.node.config import repository_bundle
+
+    config = NodeConfig(
+        ae_title=args.ae_title,
+        port=args.port,
+        workdir=Path(args.workdir),
+        destination=Destination.parse(args.send_to),
+        bundle=Path(args.bundle) if args.bundle else repository_bundle(),
+        host=args.host,
+        allowed_calling_aets=tuple(args.allow),
+        quiet_s=args.quiet_seconds,
+        quota_bytes=int(args.quota_gb * 2**30),
+        retention_s=args.retention_days * 86400.0,
+        send_attempts=args.send_attempts,
+        retry_delay_s=args.retry_seconds,
+        job_timeout_s=args.job_timeout_minutes * 60.0,
+        max_parallel_jobs=args.max_jobs,
+        device=args.device,
+        app_command=args.app_command,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name every association and instance
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve(config, stop)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {config.host}:{config.port}: {err}") from err
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "import",
+        help="turn a hospital's DICOM archive into a pseudonymised dataset (NIfTI + datalist.json)",
+        description=(
+            "Scan a DICOM archive export (a planning system's or PACS export: many patients, nested folders, other "
+            "modalities, duplicates, non-DICOM files), find per patient the planning CT + RTSTRUCT and every daily "
+            "CT with or without its approved RTSTRUCT, align each pair rigidly on bone as the app does, and write "
+            "the prostate-jrs dataset format under pseudonyms. The pseudonym key and a per-patient report of what "
+            "was imported and skipped (and why) go to a private folder the site keeps. A re-run resumes: patients "
+            "whose files did not change are not imported again."
+        ),
+    )
+    parser.add_argument("root", metavar="DICOM_ROOT", help="root folder of the archive export (searched recursively)")
+    parser.add_argument("out", metavar="OUT", help="dataset folder: new, empty, or an earlier import to resume")
+    parser.add_argument(
+        "--synonyms",
+        metavar="FILE",
+        help='extra ROI names, JSON {"prostate": ["CTV_P", ...], ...} (added to the defaults)',
+    )
+    parser.add_argument(
+        "--validation-fraction", type=_fraction, default=0.2, metavar="F", help="share of patients for validation"
+    )
+    parser.add_argument(
+        "--test-fraction", type=_fraction, default=0.2, metavar="F", help="share of patients for testing"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the patient split")
+    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="patients imported in parallel")
+    parser.add_argument(
+        "--private-dir",
+        metavar="DIR",
+        help="folder of the pseudonym key and the report (default: OUT-private beside OUT); keep it at the site",
+    )
+    parser.add_argument(
+        "--planning-rule",
+        choices=("rtplan", "earliest"),
+        default="rtplan",
+        help=(
+            "planning structure set: the one the latest RTPLAN references, else the latest approved RTSTRUCT on the "
+            "earliest contoured CT (rtplan, default); or always the latter (earliest)"
+        ),
+    )
+    parser.add_argument(
+        "--planning",
+        metavar="FILE",
+        help="CSV of overrides, one 'PatientID,RTSTRUCT SOP Instance UID' per line: that patient's planning RTSTRUCT",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_import)
+    return parser
+
+
+def _planning_overrides(path: str | None) -> dict[str, str]:
+    """Patient ID -> planning RTSTRUCT SOP Instance UID from the ``--planning`` CSV."""
+    import csv
+    from pathlib import Path
+
+    if path is None:
+        return {}
+    overrides = {}
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if not row or row[0].startswith("#") or row[0].strip().lower() in ("patientid", "patient_id"):
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}, line {line}: expected 'PatientID,RTSTRUCT SOP Instance UID', got {row}")
+            overrides[row[0].strip()] = row[1].strip()
+    return overrides
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from prostate_jrs.datasets.importer import ImportSettings, import_archive
+    from prostate_jrs.datasets.report import summary_lines
+    from prostate_jrs.labels import SynonymTable
+
+    settings = ImportSettings(
+        synonyms=SynonymTable.from_file(args.synonyms) if args.synonyms else None,
+        planning_rule=args.planning_rule,
+        planning_overrides=_planning_overrides(args.planning),
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    result = import_archive(
+        args.root, args.out, private_dir=args.private_dir, settings=settings, workers=args.workers,
+        show_progress=False if args.no_progress else None,
+    )  # fmt: skip
+    for line in summary_lines(result.reports):
+        print(line)
+    print(f"wrote {result.datalist} ({time.perf_counter() - start:.1f} s)")
+    print(f"pseudonym key and report (keep at the site, never share): {result.private_dir}")
+    return 0 if any(r.status == "imported" for r in result.reports) else 1
+
+
+def _add_adapt(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from prostate_jrs.adaptation.finetune import DEFAULT_LEARNING_RATE, DEFAULT_STEPS
+
+    parser = subparsers.add_parser(
+        "adapt",
+        help="fine-tune the bundle on one patient's approved fractions; write a bundle for that patient only",
+        description=(
+            "Patient-specific adaptation. Each DIR holds an approved fraction of one patient: planning CT + planning "
+            "RTSTRUCT + daily CT + the daily RTSTRUCT a clinician approved (a folder may hold several fractions). "
+            "The bundle's network is fine-tuned with its own train.json trainer on the planning -> approved daily "
+            "pairs and on synthetic deformations of the planning scan, and a complete bundle is written to "
+            "PATIENT_BUNDLE (complete or not at all): new weights with their sha256, and in "
+            "configs/metadata.json the base model's sha256, the patient's pseudonym (a keyed hash, never the "
+            "Patient ID; $PROSTATE_JRS_SITE_SECRET adds the site's key), keyed digests of the fractions' UIDs and "
+            "the training record. The app and the DICOM node refuse to run it on any other patient's study. Uses "
+            "the GPU when there is one."
+        ),
+    )
+    parser.add_argument("--bundle", required=True, metavar="BUNDLE", help="the bundle to adapt (e.g. bundle/)")
+    parser.add_argument(
+        "--sessions", required=True, nargs="+", metavar="DIR", help="DICOM folders of approved fractions (one patient)"
+    )
+    parser.add_argument("--out", required=True, metavar="PATIENT_BUNDLE", help="the patient bundle folder (new)")
+    parser.add_argument(
+        "--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+        help=f"optimizer steps (default {DEFAULT_STEPS}: a few minutes on 2 CPU cores)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--learning-rate", type=_positive_number("(learning rate)"), default=DEFAULT_LEARNING_RATE, metavar="LR",
+        help=f"Adam learning rate (default {DEFAULT_LEARNING_RATE:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of patches and deformations"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: a GPU when there is one, else the CPU)")
+    parser.add_argument(
+        "--synonyms",
+        metavar="FILE",
+        help='extra ROI names, JSON {"prostate": ["CTV_P", ...], ...} (added to the defaults)',
+    )
+    parser.set_defaults(run=_run_adapt)
+    return parser
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from prostate_jrs.adaptation.finetune import AdaptSettings
+    from prostate_jrs.adaptation.runner import adapt_patient
+    from prostate_jrs.labels import SynonymTable
+
+    settings = AdaptSettings(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, device=args.device)
+    start = time.perf_counter()
+    result = adapt_patient(
+        args.bundle, args.sessions, args.out, settings,
+        synonyms=SynonymTable.from_file(args.synonyms) if args.synonyms else None,
+        progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.0f} s)", flush=True),
+    )  # fmt: skip
+    record = result.training
+    print(
+        f"adapted to patient {result.pseudonym[:8]} on {result.fractions} approved fraction(s): "
+        f"{record.settings['steps']} steps on {record.settings['device']}, loss on the approved pairs "
+        f"{record.loss_before:.4f} -> {record.loss_after:.4f}, {result.seconds:.0f} s"
+    )
+    print(f"wrote {result.bundle}; it runs for this patient only: python app -i DICOM_IN -o OUT -m {result.bundle}")
+    return 0
+
+
 # Subcommands in help order; `demo` is added here when it exists.
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (_add_synth,)
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
+    _add_synth,
+    _add_import,
+    _add_adapt,
+    _add_node,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,13 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prostate-jrs`` console script; returns the exit status.
 
-    Errors a user can fix (bad arguments, an existing output folder) print one line and return 2.
+    Errors a user can fix (bad arguments, a missing input or an existing output folder) print one line and return 2.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"prostate-jrs {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,41 +7,66 @@ planning contours on the planning CT (only in its frame of reference).
 Out: one writer per object, each writing into a staging folder: RTSTRUCT and SEG on the daily CT series
 (:func:`write_contours`, :func:`write_segmentation`), the Deformable Spatial Registration with the rigid part as
 pre-deformation matrix and the DDF as grid (:func:`write_registration`), ``qa.json`` and ``qa.png``
-(:func:`write_qa`). :func:`publish` then moves the files into the output folder, ``qa.json`` last; a failure before
-that leaves nothing in the output folder but the hidden staging folder, which :func:`discard` removes.
+(:func:`write_qa`). :func:`publish` then moves the files into the output folder, ``qa.json`` last; staging folders,
+the output-folder lock and recovery after a killed run are :mod:`prostate_jrs.output_folder`'s (re-exported here:
+:func:`new_staging`, :func:`discard`).
+
+All in one call: :func:`process_session` composes exactly these steps with :func:`prostate_jrs.pipeline.load_bundle`
+and :func:`prostate_jrs.pipeline.run_pipeline`, as the app's operators do one by one; the DICOM node
+(:mod:`prostate_jrs.node`) runs it for each job.
+
+Patient bundles (:mod:`prostate_jrs.adaptation.patient_bundle`) run for their own patient only:
+:func:`check_bundle_for_session` refuses one for a session of another patient before the network is loaded or
+anything is written; the app's inference operator and :func:`process_session` call it. ``qa.json`` says which model
+ran (``model``: base or patient bundle, its sha256).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
+import torch
 
+from prostate_jrs import output_folder
+from prostate_jrs.adaptation.patient_bundle import check_bundle_patient, model_summary
+from prostate_jrs.backends import resolve_backend
 from prostate_jrs.dicom.common import package_version
-from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
-from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
-from prostate_jrs.dicom.registration import RegistrationOptions, write_deformable_registration
+from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTSeriesError, CTVolume, read_ct_series
+from prostate_jrs.dicom.discovery import AdaptiveSession, DicomSelectionError, select_session
+from prostate_jrs.dicom.registration import RegistrationOptions, registration_grid, write_deformable_registration
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.seg_writer import SegOptions, write_seg
 from prostate_jrs.labels import STRUCTURES, SynonymTable
-from prostate_jrs.pipeline import PipelineResult, PipelineSettings
+from prostate_jrs.output_folder import OutputFolderBusyError, discard, new_staging
+from prostate_jrs.pipeline import (
+    BundleError,
+    PipelineError,
+    PipelineResult,
+    PipelineSettings,
+    load_bundle,
+    run_pipeline,
+)
 from prostate_jrs.qa import write_qa_png
 
 __all__ = [
     "OUTPUT_FILES",
+    "SESSION_ERRORS",
     "SessionInputs",
+    "check_bundle_for_session",
+    "default_device",
     "discard",
     "load_session",
     "new_staging",
+    "process_session",
     "publish",
     "summary_lines",
     "write_contours",
@@ -59,7 +84,19 @@ OUTPUT_FILES: dict[str, str] = {
     "qa_json": "qa.json",
 }
 
-_STAGING_PREFIX = ".prostate-jrs.partial-"
+#: Errors a user can act on (input missing, ambiguous, of two patients or not fitting; a bundle that does not fit;
+#: an output folder another run is writing): front ends print their message, without a traceback.
+SESSION_ERRORS: tuple[type[Exception], ...] = (
+    DicomSelectionError,
+    CTSeriesError,
+    RTStructError,
+    PipelineError,
+    BundleError,
+    OutputFolderBusyError,
+    FileNotFoundError,
+)
+
+_AXIAL_TOLERANCE_DEG = 0.1  # slice normal vs the patient's z axis: more is a gantry tilt or a non-axial plane
 _DDF_GRID_MM = 4.0  # in-plane spacing of the stored deformation grid: ~18 MB instead of ~280 MB at 512 x 512
 
 
@@ -119,6 +156,7 @@ def load_session(
     session = select_session(folder, daily_series_uid=daily_series_uid, rtstruct_sop_uid=rtstruct_sop_uid)
     planning = read_ct_series(session.planning_ct.files)
     daily = read_ct_series(session.daily_ct.files)
+    _check_axial(planning, session.planning_rtstruct.path)
     contours = read_rtstruct(session.planning_rtstruct.path, planning, synonyms)
     _check_some_structure(contours)
     labels = contours.label_image()
@@ -131,6 +169,25 @@ def load_session(
         notes.append(f"structures missing from the planning RTSTRUCT: {', '.join(contours.missing_structures)}")
     timings = {"load": round(time.perf_counter() - start, 3)}
     return SessionInputs(session, planning, daily, contours, labels, notes, timings)
+
+
+def _check_axial(planning: CTVolume, rtstruct: Path) -> None:
+    """Refuse planning contours on a CT whose slices are tilted (gantry tilt) or not axial (sagittal, coronal, oblique).
+
+    Raises:
+        RTStructError: naming the RTSTRUCT, the CT series, its ImageOrientationPatient and the tilt.
+    """
+    normal = np.asarray(planning.image.GetDirection()).reshape(3, 3)[:, 2]
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    if tilt <= _AXIAL_TOLERANCE_DEG:
+        return
+    orientation = [round(float(v), 6) for v in planning.datasets[0].ImageOrientationPatient]
+    raise RTStructError(
+        f"{rtstruct}: references planning CT series {planning.series_instance_uid}, whose slices are not axial "
+        f"(ImageOrientationPatient (0020,0037) {orientation}, slice normal {tilt:.1f} deg off the patient's "
+        f"feet-head axis; e.g. {planning.files[0]}); expected contours on an axial planning CT: reconstruct the "
+        "planning CT axially (without gantry tilt) and contour on that"
+    )
 
 
 def _check_some_structure(contours: RTStructContents) -> None:
@@ -152,13 +209,15 @@ def _check_some_structure(contours: RTStructContents) -> None:
     )
 
 
-def new_staging(out_dir: str | os.PathLike[str]) -> Path:
-    """A new hidden staging folder inside ``out_dir`` (created, with ``out_dir``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    return staging
+def check_bundle_for_session(bundle_dir: str | os.PathLike[str], inputs: SessionInputs) -> None:
+    """Refuse a patient bundle for a session of another patient (a base bundle passes).
+
+    Raises:
+        PatientBundleError: (a :class:`~prostate_jrs.pipeline.BundleError`) naming the bundle, if it is a patient
+            bundle of another patient or its patient cannot be checked.
+    """
+    planning = inputs.planning.datasets[0]
+    check_bundle_patient(bundle_dir, str(planning.get("PatientID", "")), str(planning.get("IssuerOfPatientID", "")))
 
 
 def _algorithm(settings: PipelineSettings) -> str:
@@ -195,18 +254,21 @@ def write_segmentation(
 def write_registration(
     result: PipelineResult, inputs: SessionInputs, settings: PipelineSettings, staging: Path
 ) -> Path:
-    """Deformable Spatial Registration: rigid part as pre-deformation matrix, DDF as grid (every ~4 mm in-plane)."""
+    """Deformable Spatial Registration: rigid part as pre-deformation matrix, DDF as grid (every ~4 mm in-plane).
+
+    The DDF is restored from the model grid straight onto the written grid (:meth:`PipelineResult.ddf_on`).
+    """
     spacing = inputs.daily.image.GetSpacing()
     step = (*(max(1, round(_DDF_GRID_MM / s)) for s in spacing[:2]), 1)
     options = RegistrationOptions(algorithm_name=_algorithm(settings), algorithm_version=package_version())
     return write_deformable_registration(
-        result.ddf,
+        result.ddf_on(registration_grid(inputs.daily.image, step)),
         inputs.daily.image,
         inputs.daily.datasets,
         inputs.planning.datasets,
         staging / OUTPUT_FILES["registration"],
         daily_to_planning=result.rigid.daily_to_planning,
-        grid_step=step,  # type: ignore[arg-type]
+        grid_step=step,
         options=options,
     )
 
@@ -223,6 +285,7 @@ def qa_document(
     document = {
         "intended_use": "Research only; not a medical device. Every contour must be reviewed by a qualified clinician.",
         "software": {"name": "prostate-jrs", "version": package_version(), "bundle": bundle},
+        "model": model_summary(bundle) if bundle else None,
         "session": {
             "patient_id": session.patient_id,
             "planning_ct_series_uid": session.planning_ct.series_instance_uid,
@@ -244,6 +307,7 @@ def qa_document(
             "hu_range": [settings.hu_min, settings.hu_max],
             "contour_source": result.contour_source,
             "model_grid_size": list(result.model_grid.GetSize()),
+            "network_backend": resolve_backend(settings.backend, settings.device),
         },
         **result.qa,
     }
@@ -278,31 +342,13 @@ def write_qa(
 def publish(
     staging: Path, out_dir: str | os.PathLike[str], names: Sequence[str] = tuple(OUTPUT_FILES.values())
 ) -> list[Path]:
-    """Move the staged files into ``out_dir`` (``qa.json`` last) and remove the staging folder.
+    """Move the staged files into ``out_dir`` (``qa.json`` last, an older one removed first) and remove the staging
+    folder; a kill half-way leaves a journal that :func:`prostate_jrs.output_folder.recover` completes.
 
     Raises:
         FileNotFoundError: if a staged file is missing (nothing is moved then).
     """
-    out = Path(out_dir)
-    missing = [name for name in names if not (staging / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{staging}: staged output incomplete, missing {', '.join(missing)}; nothing published")
-    ordered = sorted(names, key=lambda name: name == OUTPUT_FILES["qa_json"])
-    moved = []
-    for name in ordered:
-        # rename within one file system is atomic: a reader sees the old file or the new one, never a partial one
-        os.replace(staging / name, out / name)
-        moved.append(out / name)
-    shutil.rmtree(staging, ignore_errors=True)
-    return moved
-
-
-def discard(out_dir: str | os.PathLike[str]) -> None:
-    """Remove staging folders left in ``out_dir`` by a failed run."""
-    out = Path(out_dir)
-    if out.is_dir():
-        for staging in out.glob(f"{_STAGING_PREFIX}*"):
-            shutil.rmtree(staging, ignore_errors=True)
+    return output_folder.publish(staging, out_dir, names, last=OUTPUT_FILES["qa_json"])
 
 
 def summary_lines(result: PipelineResult) -> list[str]:
@@ -324,3 +370,60 @@ def summary_lines(result: PipelineResult) -> list[str]:
     )
     lines += [f"QA flag: {flag}" for flag in result.qa["flags"]]
     return lines
+
+
+def default_device() -> str:
+    """``$PROSTATE_JRS_DEVICE`` if set, else ``cuda`` when a GPU is visible, else ``cpu`` (the app's rule)."""
+    return os.environ.get("PROSTATE_JRS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def process_session(
+    input_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    bundle_dir: str | os.PathLike[str],
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Everything the app does for one session: load, run the bundle's pipeline, write and publish the five outputs.
+
+    The steps and their order are those of the app's operators (load_session, load_bundle, run_pipeline,
+    write_contours, write_segmentation, write_registration, write_qa, publish); the pipeline's settings come from the
+    bundle alone. Outputs appear in ``output_dir`` complete or not at all.
+
+    Args:
+        input_dir: folder with the planning CT, planning RTSTRUCT and daily CT (one patient).
+        output_dir: where ``rtstruct.dcm``, ``seg.dcm``, ``registration.dcm``, ``qa.png`` and ``qa.json`` go.
+        bundle_dir: the bundle folder (``configs/inference.json``, ``models/model.pt``).
+        device: torch device; ``None`` for :func:`default_device`.
+
+    Returns:
+        ``{"outputs": [file names], "summary": [lines of summary_lines], "flags": [QA flags], "timings_s": {...}}``
+        (no patient identifier).
+
+    Raises:
+        DicomSelectionError, CTSeriesError, RTStructError, PipelineError, BundleError: as :func:`load_session`,
+            :func:`prostate_jrs.pipeline.load_bundle` and :func:`prostate_jrs.pipeline.run_pipeline`; a patient
+            bundle of another patient (:func:`check_bundle_for_session`) before anything is written.
+    """
+    inputs = load_session(input_dir)
+    start = time.perf_counter()
+    check_bundle_for_session(bundle_dir, inputs)
+    network, settings = load_bundle(bundle_dir, device=device or default_device())
+    inputs.timings["load_bundle"] = round(time.perf_counter() - start, 3)
+    result = run_pipeline(inputs.planning.image, inputs.planning_labels, inputs.daily.image, network, settings)
+    staging = new_staging(output_dir)
+    try:
+        write_contours(result, inputs, settings, staging)
+        write_segmentation(result, inputs, settings, staging)
+        write_registration(result, inputs, settings, staging)
+        write_qa(result, inputs, settings, staging, bundle=str(bundle_dir))
+        published = publish(staging, output_dir)
+    except BaseException:
+        discard(output_dir)
+        raise
+    document = json.loads((Path(output_dir) / OUTPUT_FILES["qa_json"]).read_text(encoding="utf-8"))
+    return {
+        "outputs": [path.name for path in published],
+        "summary": summary_lines(result),
+        "flags": list(result.qa.get("flags", [])),
+        "timings_s": document["timings_s"],
+    }

@@ -38,6 +38,8 @@ from torch import nn
 from prostate_jrs.evaluation import (
     DailyGridResult,
     case_metrics,
+    compose_rigid,
+    deployed_refine,
     output_grid_affine,
     resolve_contour_source,
     restore_to_daily_grid,
@@ -45,9 +47,11 @@ from prostate_jrs.evaluation import (
     summarize,
     write_csv,
 )
+from prostate_jrs.inferers import RefiningInferer
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.losses import JRSLoss
 from prostate_jrs.metrics import deformation_quality, structure_metrics
+from prostate_jrs.preprocessing import DAILY_TO_PLANNING, ras_map
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, TRUE_DDF, case_name
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -244,7 +248,10 @@ def restore_item(
 
     Uses the model-grid affine of ``image``, the daily grid (``original_affine``, ``spatial_shape``) that
     ``LoadImaged`` recorded in ``fixed_image``'s metadata, and re-reads the planning label map from its file so
-    the registration path warps the original contours.
+    the registration path warps the original contours, placed in the daily frame by the item's rigid
+    pre-alignment ``daily_to_planning`` (:class:`prostate_jrs.transforms.ModelGridd`; identity when absent). The
+    DDF is returned relative to the planning file's own coordinates (:func:`prostate_jrs.evaluation.compose_rigid`),
+    so the written ``NAME_ddf.nii.gz`` and a phantom's true DDF follow one convention.
 
     Returns:
         ``(case name, result)``.
@@ -260,15 +267,18 @@ def restore_item(
     daily_affine = np.asarray(fixed.meta["original_affine"], dtype=np.float64)
     daily_shape = tuple(int(v) for v in np.asarray(fixed.meta["spatial_shape"]).ravel()[:3])
     planning = LoadImage(image_only=True)(_filename(batch_item[MOVING_LABEL], MOVING_LABEL))
+    rigid = batch_item.get(DAILY_TO_PLANNING)
+    daily_to_planning = np.eye(4) if rigid is None else ras_map(np.asarray(torch.as_tensor(rigid).cpu()))
     result = restore_to_daily_grid(
         pred,
         pred_affine,
         daily_affine,
         daily_shape,
         np.asarray(planning),
-        np.asarray(planning.affine, dtype=np.float64),
+        np.linalg.inv(daily_to_planning) @ np.asarray(planning.affine, dtype=np.float64),
         contour_source,
     )
+    result.ddf = compose_rigid(result.ddf, daily_affine, daily_to_planning)
     return case_name(daily_path), result
 
 
@@ -302,16 +312,23 @@ def path_agreement(result: DailyGridResult, contour_source: Mapping[str, str]) -
 class EvaluationWriter:
     """Per-case metrics on the daily grid, per structure and path, written as CSV with a summary and a montage.
 
-    Files in ``output_dir``: ``metrics_per_case.csv`` (case, patient, path, structure, dsc, msd_mm, hd95_mm,
+    Files in ``output_dir``: ``metrics_per_case.csv`` (case, patient, refine, path, structure, dsc, msd_mm, hd95_mm,
     volumes), ``ddf_quality.csv`` (fraction of det J <= 0, SD/min/max of det J inside the network's field of
-    view), ``metrics_summary.csv`` (mean, SD, median and n per path, structure and metric, plus the DDF
-    metrics) and ``montage.png`` (the worst and best cases by mean DSC of the final contours).
+    view, error against a phantom's known deformation, seconds of refinement), ``metrics_summary.csv`` (mean, SD,
+    median and n per refine, path, structure and metric, plus the DDF metrics) and ``montage.png`` (the worst and
+    best cases by mean DSC of the final contours).
+
+    Every row has a ``refine`` column: ``off`` for the network's own DDF and, when the evaluator's inferer is a
+    :class:`prostate_jrs.inferers.RefiningInferer` (``refiner``) with refinement on, the mode name (e.g. ``fast``)
+    for the refined DDF; both are scored on the same cases, so the tables show them side by side. The montage, the
+    engine's ``final_dsc_*`` metrics and the bundle's ``eval_metrics`` use the refined rows.
 
     Args:
         output_dir: folder of the result files.
         network_name: the bundle's network (forces the path of single-task networks).
         contour_source: structure -> ``"reg"``/``"seg"``.
         num_montage_cases: cases shown at each end of the ranking.
+        refiner: the evaluator's refining inferer, whose network-only output is scored too.
     """
 
     def __init__(
@@ -320,10 +337,12 @@ class EvaluationWriter:
         network_name: str = "cross_stitch",
         contour_source: Mapping[str, str] | None = None,
         num_montage_cases: int = 3,
+        refiner: RefiningInferer | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.contour_source = resolve_contour_source(network_name, contour_source)
         self.num_montage_cases = num_montage_cases
+        self.refiner = refiner
         self.rows: list[dict[str, object]] = []
         self.ddf_rows: list[dict[str, object]] = []
         self._slices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -337,20 +356,30 @@ class EvaluationWriter:
     def _reset(self, engine: Engine) -> None:
         self.rows, self.ddf_rows, self._slices = [], [], {}
 
+    def _variants(self, index: int, output_item: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], float]]:
+        """``(refine label, output item, refinement seconds)`` to score: the network's output and the refined one."""
+        refiner = self.refiner
+        if refiner is None or refiner.settings is None or refiner.network_pred is None:
+            return [("off", output_item, 0.0)]
+        network_item = {**output_item, PRED: refiner.network_pred[index]}
+        seconds = refiner.reports[index].seconds if index < len(refiner.reports) else math.nan
+        return [("off", network_item, 0.0), (refiner.settings.name, output_item, seconds)]
+
     def _iteration_completed(self, engine: Engine) -> None:
-        for batch_item, output_item in _items(engine):
+        for index, (batch_item, output_item) in enumerate(_items(engine)):
             if FIXED_LABEL not in batch_item:
                 raise KeyError("evaluation needs fixed_label (the daily reference contours) in every datalist item")
-            name, result = restore_item(batch_item, output_item, self.contour_source)
             reference = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_LABEL], FIXED_LABEL)))
             patient = str(batch_item.get("patient", ""))
             daily = np.asarray(LoadImage(image_only=True)(_filename(batch_item[FIXED_IMAGE], FIXED_IMAGE)))
             true_ddf = None
             if isinstance(batch_item.get(TRUE_DDF), str):  # phantoms know the deformation: (I, J, K, 3) NIfTI
                 true_ddf = np.moveaxis(np.asarray(LoadImage(image_only=True)(batch_item[TRUE_DDF])), -1, 0)
-            rows, ddf_row = case_metrics(result, reference, name, patient, true_ddf=true_ddf, daily_ct=daily)
-            self.rows.extend(rows)
-            self.ddf_rows.append(ddf_row)
+            for refine, item, seconds in self._variants(index, output_item):
+                name, result = restore_item(batch_item, item, self.contour_source)
+                rows, ddf_row = case_metrics(result, reference, name, patient, true_ddf=true_ddf, daily_ct=daily)
+                self.rows.extend({"refine": refine, **row} for row in rows)
+                self.ddf_rows.append({"refine": refine, **ddf_row, "refine_seconds": seconds})
             self._keep_slice(name, daily, reference, result.labels)
 
     def _keep_slice(self, name: str, daily: np.ndarray, reference: np.ndarray, final: np.ndarray) -> None:
@@ -365,34 +394,32 @@ class EvaluationWriter:
         if not self.rows:
             logger.warning("evaluation saw no case; nothing written")
             return
-        columns = ["case", "patient", "path", "structure", *_METRICS, "volume_ml", "reference_volume_ml"]
+        columns = ["case", "patient", "refine", "path", "structure", *_METRICS, "volume_ml", "reference_volume_ml"]
         write_csv(self.output_dir / "metrics_per_case.csv", self.rows, columns)
-        write_csv(self.output_dir / "ddf_quality.csv", self.ddf_rows, ["case", "patient", *_DDF_METRICS])
-        summary = summarize(self.rows, ["path", "structure"], _METRICS)
-        summary += summarize(
-            [{**r, "path": "ddf", "structure": "all"} for r in self.ddf_rows], ["path", "structure"], _DDF_METRICS
-        )
-        write_csv(
-            self.output_dir / "metrics_summary.csv",
-            summary,
-            ["path", "structure", "metric", "n", "mean", "sd", "median"],
-        )
+        ddf_columns = ["case", "patient", "refine", *_DDF_METRICS, "refine_seconds"]
+        write_csv(self.output_dir / "ddf_quality.csv", self.ddf_rows, ddf_columns)
+        groups = ["refine", "path", "structure"]
+        summary = summarize(self.rows, groups, _METRICS)
+        summary += summarize([{**r, "path": "ddf", "structure": "all"} for r in self.ddf_rows], groups, _DDF_METRICS)
+        write_csv(self.output_dir / "metrics_summary.csv", summary, [*groups, "metric", "n", "mean", "sd", "median"])
         self._montage()
+        deployed = deployed_refine(summary)
         for row in summary:
             if row["metric"] in ("dsc", "msd_mm", "folding_fraction"):
                 logger.info(
-                    f"{row['path']:>5} {row['structure']:<16} {row['metric']:<16} "
+                    f"{row['refine']:>8} {row['path']:>5} {row['structure']:<16} {row['metric']:<16} "
                     f"mean {row['mean']:.4g} sd {row['sd']:.4g} median {row['median']:.4g} (n={row['n']})"
                 )
         for row in summary:
-            if row["path"] == "final" and row["metric"] == "dsc":
+            if row["refine"] == deployed and row["path"] == "final" and row["metric"] == "dsc":
                 engine.state.metrics[f"final_dsc_{row['structure']}"] = row["mean"]
         logger.info(f"evaluation tables written to {self.output_dir}")
 
     def _case_scores(self) -> list[tuple[float, str]]:
         scores: dict[str, list[float]] = {}
+        deployed = deployed_refine(self.rows)
         for row in self.rows:
-            if row["path"] == "final":
+            if row["path"] == "final" and row["refine"] == deployed:
                 scores.setdefault(str(row["case"]), []).append(float(row["dsc"]))  # type: ignore[arg-type]
         return sorted((float(np.mean(v)), k) for k, v in scores.items())
 
@@ -445,6 +472,8 @@ class InferenceWriter:
         network_name: the bundle's network (forces the path of single-task networks).
         contour_source: structure -> ``"reg"``/``"seg"``.
         write_qa: also write ``NAME_qa.json``.
+        refiner: the evaluator's refining inferer; its report of each case (mode, budget, similarity before and
+            after, seconds) goes into ``NAME_qa.json`` under ``refine``.
     """
 
     def __init__(
@@ -453,22 +482,28 @@ class InferenceWriter:
         network_name: str = "cross_stitch",
         contour_source: Mapping[str, str] | None = None,
         write_qa: bool = True,
+        refiner: RefiningInferer | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.contour_source = resolve_contour_source(network_name, contour_source)
         self.write_qa = write_qa
+        self.refiner = refiner
 
     def attach(self, engine: Engine) -> None:
         """Register on ITERATION_COMPLETED."""
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for batch_item, output_item in _items(engine):
+        reports = self.refiner.reports if self.refiner is not None else []
+        for index, (batch_item, output_item) in enumerate(_items(engine)):
             name, result = restore_item(batch_item, output_item, self.contour_source)
-            self.write(name, result, _filename(batch_item[FIXED_IMAGE], FIXED_IMAGE))
+            refine = reports[index].as_dict() if index < len(reports) else {"mode": "off"}
+            self.write(name, result, _filename(batch_item[FIXED_IMAGE], FIXED_IMAGE), refine)
 
-    def write(self, name: str, result: DailyGridResult, daily_path: str | Path) -> Path:
-        """Write one case; returns its folder."""
+    def write(
+        self, name: str, result: DailyGridResult, daily_path: str | Path, refine: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write one case; returns its folder. ``refine``: the refinement report for ``NAME_qa.json``."""
         header = None
         try:
             daily = nib.load(str(daily_path))
@@ -490,7 +525,7 @@ class InferenceWriter:
             image.set_data_dtype(data.dtype)
             nib.save(image, str(partial / f"{name}_{suffix}.nii.gz"))
         if self.write_qa:
-            qa = path_agreement(result, self.contour_source)
+            qa = {**path_agreement(result, self.contour_source), "refine": dict(refine or {"mode": "off"})}
             (partial / f"{name}_qa.json").write_text(json.dumps(qa, indent=2, allow_nan=False), encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)

@@ -6,12 +6,13 @@ mm) lives on the *daily grid*, the voxel grid of the daily CT file. The function
 the two with the world mapping carried by 4x4 index-to-world affines (MONAI/NIfTI RAS; any common world
 frame works, the LPS/RAS flip cancels in every formula):
 
-* scalar or label data: resampled through ``A_model^-1 @ A_daily`` (:func:`resample_to_grid`);
+* scalar or label data: resampled through ``A_model^-1 @ A_daily``
+  (:func:`prostate_jrs.geometry.resample_to_grid`, re-exported here);
 * a DDF: resampled the same way *and* its vectors mapped from model-grid voxel units to daily-grid voxel
-  units by ``A_daily[:3, :3]^-1 @ A_model[:3, :3]`` (:func:`ddf_to_grid`). This one matrix undoes the
-  spacing ratio, axis flips and permutations of the reorientation; the crop offset is in the translation of
-  the affines. A DDF is not an intensity image: ``Invertd`` would resample it but leave its vectors in
-  model voxels.
+  units by ``A_daily[:3, :3]^-1 @ A_model[:3, :3]`` (:func:`prostate_jrs.geometry.ddf_to_grid`). This one matrix
+  undoes the spacing ratio, axis flips and permutations of the reorientation; the crop offset is in the
+  translation of the affines. A DDF is not an intensity image: ``Invertd`` would resample it but leave its
+  vectors in model voxels.
 
 Metrics use :mod:`prostate_jrs.metrics`; this module only arranges them per case, structure and path.
 """
@@ -28,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
-from scipy import ndimage
 
+from prostate_jrs.geometry import ddf_to_grid, ddf_vector_map, field_of_view_mask, label_box, resample_to_grid
 from prostate_jrs.labels import SINGLE_COMPONENT_LABELS, STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
@@ -39,11 +40,14 @@ __all__ = [
     "DailyGridResult",
     "case_metrics",
     "compose_contours",
+    "compose_rigid",
     "ddf_error",
     "ddf_to_grid",
+    "deployed_refine",
     "field_of_view_mask",
     "keep_largest_components",
     "output_grid_affine",
+    "registration_path",
     "resample_to_grid",
     "resolve_contour_source",
     "restore_to_daily_grid",
@@ -154,115 +158,41 @@ def output_grid_affine(input_affine: np.ndarray, input_shape: Sequence[int], out
     return np.asarray(input_affine, dtype=np.float64) @ shift
 
 
-def _grid_points(
-    mapping: np.ndarray, shape: Sequence[int], k0: int, k1: int, ddf: np.ndarray | None = None
-) -> np.ndarray:
-    """Source index coordinates (3, I, J, k1 - k0) of destination voxels ``x + ddf(x)`` in slices ``k0:k1``."""
-    grid = np.stack(
-        np.meshgrid(
-            np.arange(shape[0], dtype=np.float64),
-            np.arange(shape[1], dtype=np.float64),
-            np.arange(k0, k1, dtype=np.float64),
-            indexing="ij",
-        )
-    )
-    if ddf is not None:
-        grid += ddf[:, :, :, k0:k1]
-    return np.tensordot(mapping[:3, :3], grid, axes=1) + mapping[:3, 3, None, None, None]
+def compose_rigid(ddf: np.ndarray, affine: np.ndarray, daily_to_planning: np.ndarray, slab: int = 32) -> np.ndarray:
+    """A DDF relative to the rigidly aligned planning scan, made relative to the planning scan's own coordinates.
 
-
-def resample_to_grid(
-    array: np.ndarray,
-    src_affine: np.ndarray,
-    dst_affine: np.ndarray,
-    dst_shape: Sequence[int],
-    order: int = 1,
-    mode: str = "nearest",
-    cval: float = 0.0,
-    ddf: np.ndarray | None = None,
-    slab: int = 32,
-) -> np.ndarray:
-    """Resample channel-first data ``(C, *src_shape)`` onto another grid through the world mapping.
-
-    With ``ddf`` this warps: destination voxel ``x`` takes the source value at the world point
-    ``dst_affine @ (x + ddf(x))`` (the DESIGN.md DDF convention, as :func:`prostate_jrs.geometry.resample_with_ddf`
-    but on MONAI/NIfTI affines and channel-first data).
+    The network predicts ``ddf`` after the rigid pre-alignment ``R``: daily voxel ``x`` shows the planning point
+    ``R @ A (x + ddf(x))``. The returned field ``full`` has ``A (x + full(x))`` equal to that point, so the DESIGN.md
+    convention holds with the planning file's own affine (``R = I`` gives ``ddf`` back). ``det J`` is unchanged.
 
     Args:
-        array: data on the source grid, shape ``(C, I, J, K)``.
-        src_affine: source index-to-world matrix.
-        dst_affine: destination index-to-world matrix (same world frame).
-        dst_shape: destination spatial shape.
-        order: 0 nearest (labels), 1 linear.
-        mode: outside the source: ``"nearest"`` repeats the edge value, ``"constant"`` uses ``cval``.
-        cval: value outside the source for ``mode="constant"``.
-        ddf: optional displacement ``(3, *dst_shape)`` in voxel units of the destination grid.
-        slab: number of destination slices processed at once (bounds memory on large daily CTs).
+        ddf: ``(3, I, J, K)`` in voxel units of the daily grid.
+        affine: the daily grid's index-to-world matrix.
+        daily_to_planning: ``R`` in the same world coordinates as ``affine``.
+        slab: slices processed at once (bounds memory on large daily CTs).
 
     Returns:
-        ``(C, *dst_shape)``, the input dtype for ``order == 0`` and float32 otherwise.
-
-    Raises:
-        ValueError: if ``array`` is not 4-D or ``ddf`` does not fit the destination grid.
+        float32 ``(3, I, J, K)``.
     """
-    data = np.asarray(array)
-    if data.ndim != 4:
-        raise ValueError(f"expected channel-first 3-D data (C, I, J, K), got shape {data.shape}")
-    mapping = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
-    shape = tuple(int(s) for s in dst_shape)
-    if ddf is not None and np.shape(ddf) != (3, *shape):
-        raise ValueError(f"ddf of shape {np.shape(ddf)} does not fit the destination grid (3, {shape})")
-    out = np.empty((data.shape[0], *shape), dtype=data.dtype if order == 0 else np.float32)
-    source = data if order == 0 else data.astype(np.float32, copy=False)
-    displacement = None if ddf is None else np.asarray(ddf, dtype=np.float64)
+    field = np.asarray(ddf, dtype=np.float32)
+    mapping = np.linalg.inv(affine) @ np.asarray(daily_to_planning, dtype=np.float64) @ np.asarray(affine)
+    if np.allclose(mapping, np.eye(4), atol=1e-9):
+        return field
+    out = np.empty_like(field)
+    shape = field.shape[1:]
     for k0 in range(0, shape[2], slab):
         k1 = min(k0 + slab, shape[2])
-        points = _grid_points(mapping, shape, k0, k1, displacement)
-        for c in range(data.shape[0]):
-            out[c, :, :, k0:k1] = ndimage.map_coordinates(
-                source[c], points, order=order, mode=mode, cval=cval, prefilter=False
+        grid = np.stack(
+            np.meshgrid(
+                np.arange(shape[0], dtype=np.float64),
+                np.arange(shape[1], dtype=np.float64),
+                np.arange(k0, k1, dtype=np.float64),
+                indexing="ij",
             )
+        )
+        points = grid + field[:, :, :, k0:k1]
+        out[:, :, :, k0:k1] = np.tensordot(mapping[:3, :3], points, axes=1) + mapping[:3, 3, None, None, None] - grid
     return out
-
-
-def ddf_to_grid(
-    ddf: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int]
-) -> np.ndarray:
-    """Bring a DDF from the model grid to another grid, in voxel units of that grid.
-
-    The DDF convention (DESIGN.md): warped moving at voxel ``x`` is the moving image at the world point
-    ``A (x + ddf(x))``. The world displacement ``A[:3, :3] @ ddf`` is what both grids share; outside the
-    source grid the field is continued with its edge values.
-
-    Args:
-        ddf: ``(3, *src_shape)`` in voxel units of the source grid, channel ``c`` along index axis ``c``.
-        src_affine: index-to-world matrix of the source (model) grid.
-        dst_affine: index-to-world matrix of the destination (daily) grid.
-        dst_shape: spatial shape of the destination grid.
-
-    Returns:
-        float32 ``(3, *dst_shape)`` in voxel units of the destination grid.
-
-    Raises:
-        ValueError: if ``ddf`` is not a 3-channel 3-D field.
-    """
-    field = np.asarray(ddf)
-    if field.ndim != 4 or field.shape[0] != 3:
-        raise ValueError(f"expected a DDF of shape (3, I, J, K), got {field.shape}")
-    resampled = resample_to_grid(field, src_affine, dst_affine, dst_shape, order=1, mode="nearest")
-    vectors = (
-        np.linalg.inv(np.asarray(dst_affine, dtype=np.float64)[:3, :3])
-        @ np.asarray(src_affine, dtype=np.float64)[:3, :3]
-    )
-    return np.tensordot(vectors, resampled, axes=1).astype(np.float32)
-
-
-def field_of_view_mask(
-    src_affine: np.ndarray, src_shape: Sequence[int], dst_affine: np.ndarray, dst_shape: Sequence[int]
-) -> np.ndarray:
-    """Boolean mask of the destination voxels whose centres fall inside the source grid."""
-    ones = np.ones((1, *(int(s) for s in src_shape)), dtype=np.uint8)
-    return resample_to_grid(ones, src_affine, dst_affine, dst_shape, order=0, mode="constant", cval=0)[0] > 0
 
 
 def summarize(
@@ -369,10 +299,14 @@ def keep_largest_components(label_map: np.ndarray) -> np.ndarray:
     """
     array = np.asarray(label_map)
     channel_first = array if array.ndim == 4 else array[None]
-    kept = KeepLargestConnectedComponent(applied_labels=list(SINGLE_COMPONENT_LABELS), is_onehot=False)(
-        torch.as_tensor(channel_first)
-    )
-    out = np.asarray(kept).astype(array.dtype)
+    out = np.zeros_like(channel_first)
+    found = label_box(channel_first[0])
+    if found is not None:  # components only within the labels' bounding box: outside it everything is background
+        box = (slice(None), *found)
+        kept = KeepLargestConnectedComponent(applied_labels=list(SINGLE_COMPONENT_LABELS), is_onehot=False)(
+            torch.as_tensor(np.ascontiguousarray(channel_first[box]))
+        )
+        out[box] = np.asarray(kept).astype(array.dtype)
     return out if array.ndim == 4 else out[0]
 
 
@@ -407,18 +341,48 @@ def restore_to_daily_grid(
     if pred.ndim != 4 or pred.shape[0] != 8:
         raise ValueError(f"expected pred of shape (8, I, J, K) (3 DDF + 5 logits), got {pred.shape}")
     shape = tuple(int(v) for v in daily_shape)
-    ddf = ddf_to_grid(pred[:3], pred_affine, daily_affine, shape)
     fov = field_of_view_mask(pred_affine, pred.shape[1:], daily_affine, shape)
-    logits = resample_to_grid(pred[3:], pred_affine, daily_affine, shape, order=1, mode="nearest")
-    seg = np.argmax(logits, axis=0).astype(np.uint8)
+    # DDF and logits through one set of sampling points; the DDF's vectors are mapped to daily voxel units first (a
+    # linear map commutes with the interpolation), as ddf_to_grid does
+    converted = pred.copy()
+    converted[:3] = np.tensordot(ddf_vector_map(pred_affine, daily_affine), pred[:3], axes=1)
+    restored = resample_to_grid(converted, pred_affine, daily_affine, shape, order=1, mode="nearest")
+    ddf = restored[:3]
+    # torch's argmax: the first maximum, as numpy's, but without numpy's copy to put the channel axis last
+    seg = torch.from_numpy(restored[3:]).argmax(dim=0).to(torch.uint8).numpy()
+    del restored
     seg[~fov] = 0
     seg = keep_largest_components(seg)
-    planning = np.asarray(planning_labels)
-    planning = planning[None] if planning.ndim == 3 else planning
-    planning = np.rint(planning).astype(np.uint8)
-    reg = resample_to_grid(planning, planning_affine, daily_affine, shape, order=0, mode="constant", ddf=ddf)[0]
+    reg = registration_path(planning_labels, planning_affine, daily_affine, ddf)
     labels = compose_contours(reg, seg, contour_source)
     return DailyGridResult(ddf=ddf, reg=reg, seg=seg, labels=labels, affine=np.asarray(daily_affine), fov=fov)
+
+
+def registration_path(
+    planning_labels: np.ndarray, planning_affine: np.ndarray, daily_affine: np.ndarray, ddf: np.ndarray
+) -> np.ndarray:
+    """The registration path: the planning label map (its own grid) warped once by a daily-grid DDF, uint8.
+
+    Only the labels' bounding box is resampled (outside it every label is 0, which is also the value outside the
+    planning grid), so a 512 x 512 planning CT costs no more than its contours.
+
+    Args:
+        planning_labels: ``(I, J, K)`` or ``(1, I, J, K)`` labels on the planning grid.
+        planning_affine: index-to-world matrix of the planning grid (in the daily frame).
+        daily_affine: index-to-world matrix of the grid ``ddf`` lives on.
+        ddf: ``(3, *daily_shape)`` in voxel units of that grid.
+    """
+    planning = np.asarray(planning_labels)
+    planning = planning[0] if planning.ndim == 4 else planning
+    planning = planning if planning.dtype == np.uint8 else np.rint(planning).astype(np.uint8)
+    found = label_box(planning, margin=1)
+    if found is None:
+        return np.zeros(ddf.shape[1:], dtype=np.uint8)
+    shift = np.eye(4)
+    shift[:3, 3] = [box.start for box in found]
+    box = planning[found]
+    affine = np.asarray(planning_affine, dtype=np.float64) @ shift
+    return resample_to_grid(box[None], affine, daily_affine, ddf.shape[1:], order=0, mode="constant", ddf=ddf)[0]
 
 
 #: HU above which a daily voxel counts as body for the DDF error (air and couch below).
@@ -504,11 +468,22 @@ def case_metrics(
     return rows, {"case": case, "patient": patient, **quality.as_dict(), **error}
 
 
-def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> dict[str, float]:
+def deployed_refine(rows: Iterable[Mapping[str, object]]) -> str:
+    """The ``refine`` value of evaluation rows that describes what runs in deployment: the refined rows if any.
+
+    Rows without a ``refine`` key (tables written before refinement existed) count as ``off``.
+    """
+    labels = {str(row.get("refine", "off")) for row in rows}
+    refined = sorted(labels - {"off"})
+    return refined[0] if refined else "off"
+
+
+def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> dict[str, float | str]:
     """Fill the bundle metadata's ``eval_metrics`` with the means of an evaluation summary.
 
     Keys are ``<path>_<metric>_<structure>`` (e.g. ``final_dsc_prostate``, ``reg_msd_mm_bladder``) and
-    ``ddf_<metric>`` for the DDF quality; values are the means over cases, rounded to 4 significant digits.
+    ``ddf_<metric>`` for the DDF quality; values are the means over cases, rounded to 4 significant digits. Only
+    the deployed rows count (:func:`deployed_refine`); ``refine`` records which.
     The metadata file is rewritten atomically.
 
     Args:
@@ -525,7 +500,9 @@ def update_eval_metrics(metadata_file: str | Path, summary_csv: str | Path) -> d
         rows = list(csv.DictReader(handle))
     if not rows:
         raise ValueError(f"{summary_csv}: no rows; run the bundle's evaluate.json first")
-    metrics: dict[str, float] = {}
+    deployed = deployed_refine(rows)
+    rows = [row for row in rows if row.get("refine", "off") == deployed]
+    metrics: dict[str, float | str] = {"refine": deployed}
     for row in rows:
         metric = str(row["metric"])
         if row["path"] == "ddf":

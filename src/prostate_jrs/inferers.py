@@ -13,6 +13,7 @@ labels are warped **once**, with :func:`warp_planning_labels` (MONAI ``Warp``), 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,10 +22,13 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.networks.blocks import Warp
+from torch import nn
 
+from prostate_jrs.backends import inference_network
 from prostate_jrs.nets.warp import labels_to_onehot
+from prostate_jrs.refine import RefineReport, refine_prediction, refine_settings
 
-__all__ = ["ValidPatchInferer", "warp_labels", "warp_planning_labels"]
+__all__ = ["RefiningInferer", "ValidPatchInferer", "warp_labels", "warp_planning_labels"]
 
 
 def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -51,9 +55,20 @@ class ValidPatchInferer(Inferer):
             every side (e.g. a crop grown by the network's border), and the output covers the region inside it.
             Without it the inferer pads that border with the channel minimum, which the network never saw in
             training around anatomy: its DDF near the volume's faces is then unreliable.
+        max_tile_voxels: fit the tiles to each volume instead of using ``patch_size``: per axis as few tiles as
+            cover the volume, of equal size (output a multiple of ``tile_multiple``), with at most this many input
+            voxels per tile; among such layouts the one with the fewest voxels computed. ``None``: ``patch_size``
+            tiles. Fitted tiles compute less padding: a 84 x 104 x 130 grid takes two tiles of 124 x 144 x 108
+            (3.9 M voxels) under 2 M voxels, instead of eight 112^3 tiles (11.2 M).
+        tile_multiple: fitted outputs are multiples of this (4 for the JRS U-Nets: two stride-2 levels). Tiles start
+            at multiples of their output size, so every tile sees the same stride phase.
+        backend: what runs the tiles (:func:`prostate_jrs.backends.inference_network`): ``torch``, ``openvino``,
+            ``onnxruntime`` or ``auto``.
+        onnx_file: where the bundle keeps the network's ONNX export (ONNX backends; see
+            :func:`prostate_jrs.backends.onnx_file_for`); ``None`` for the cache folder.
 
     Raises:
-        ValueError: if ``patch_size - output_size`` is negative or odd on some axis.
+        ValueError: if ``patch_size - output_size`` is negative or odd on some axis, or a setting is out of range.
     """
 
     def __init__(
@@ -66,9 +81,21 @@ class ValidPatchInferer(Inferer):
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
         includes_context: bool = False,
+        max_tile_voxels: int | None = None,
+        tile_multiple: int = 4,
+        backend: str = "torch",
+        onnx_file: str | None = None,
     ) -> None:
         super().__init__()
         self.includes_context = bool(includes_context)
+        if max_tile_voxels is not None and max_tile_voxels < 1:
+            raise ValueError(f"max_tile_voxels must be positive or None, got {max_tile_voxels}")
+        if tile_multiple < 1:
+            raise ValueError(f"tile_multiple must be >= 1, got {tile_multiple}")
+        self.max_tile_voxels = None if max_tile_voxels is None else int(max_tile_voxels)
+        self.tile_multiple = int(tile_multiple)
+        self.backend = str(backend)
+        self.onnx_file = None if onnx_file is None else str(onnx_file)
         self.patch_size = _triple(patch_size, "patch_size")
         self.output_size = (
             tuple(p - 40 for p in self.patch_size) if output_size is None else _triple(output_size, "output_size")
@@ -86,6 +113,37 @@ class ValidPatchInferer(Inferer):
         self.amp_dtype = amp_dtype
         self.sw_device = None if sw_device is None else torch.device(sw_device)
         self.device = None if device is None else torch.device(device)
+
+    def tile_layout(self, spatial: Sequence[int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Tiles per axis and the output size of one tile for an output region of ``spatial`` voxels.
+
+        Raises:
+            ValueError: if no fitted tile of at most ``max_tile_voxels`` input voxels exists.
+        """
+        if self.max_tile_voxels is None:
+            counts = tuple(math.ceil(s / o) for s, o in zip(spatial, self.output_size, strict=True))
+            return counts, self.output_size  # type: ignore[return-value]
+        step = self.tile_multiple
+        options = []
+        for size in spatial:
+            units = math.ceil(size / step)  # the axis in multiples of ``step``
+            # per tile count n the output is the smallest multiple of ``step`` covering the axis in n tiles
+            outputs = {math.ceil(units / n) * step for n in range(1, units + 1)}
+            options.append([(math.ceil(size / o), o) for o in sorted(outputs)])
+        best: tuple[int, tuple[int, int, int], tuple[int, int, int]] | None = None
+        for (nx, ox), (ny, oy), (nz, oz) in itertools.product(*options):
+            tile = (ox + 2 * self.border[0]) * (oy + 2 * self.border[1]) * (oz + 2 * self.border[2])
+            if tile > self.max_tile_voxels:
+                continue
+            cost = nx * ny * nz * tile
+            if best is None or cost < best[0]:
+                best = (cost, (nx, ny, nz), (ox, oy, oz))
+        if best is None:
+            raise ValueError(
+                f"max_tile_voxels={self.max_tile_voxels} is below the smallest tile ({self.border} context voxels "
+                f"per side around {step} output voxels per axis)"
+            )
+        return best[1], best[2]
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
@@ -123,8 +181,9 @@ class ValidPatchInferer(Inferer):
             offset = self.border
         sw_device = self.sw_device or inputs.device
         out_device = self.device or inputs.device
-        tiles_per_axis = [math.ceil(s / o) for s, o in zip(spatial, self.output_size, strict=True)]
-        padded_size = [n * o + 2 * b for n, o, b in zip(tiles_per_axis, self.output_size, self.border, strict=True)]
+        tiles_per_axis, output_size = self.tile_layout(spatial)
+        patch_size = tuple(o + 2 * b for o, b in zip(output_size, self.border, strict=True))
+        padded_size = [n * o + 2 * b for n, o, b in zip(tiles_per_axis, output_size, self.border, strict=True)]
 
         # per-sample, per-channel minimum: air for CT, background (0) for the label map
         fill = inputs.reshape(batch, channels, -1).amin(dim=2)
@@ -134,39 +193,90 @@ class ValidPatchInferer(Inferer):
         padded[:, :, bx : bx + sx, by : by + sy, bz : bz + sz] = inputs
 
         origins = [
-            (b, i * self.output_size[0], j * self.output_size[1], k * self.output_size[2])
+            (b, i * output_size[0], j * output_size[1], k * output_size[2])
             for b in range(batch)
             for i in range(tiles_per_axis[0])
             for j in range(tiles_per_axis[1])
             for k in range(tiles_per_axis[2])
         ]
-        px, py, pz = self.patch_size
-        ox, oy, oz = self.output_size
+        px, py, pz = patch_size
+        ox, oy, oz = output_size
         result: torch.Tensor | None = None
         use_amp = self.amp and sw_device.type == "cuda"
+        run = (
+            inference_network(network, self.backend, sw_device, self.onnx_file)
+            if isinstance(network, nn.Module)
+            else network
+        )
         for start in range(0, len(origins), self.tile_batch_size):
             chunk = origins[start : start + self.tile_batch_size]
             tiles = torch.stack([padded[b, :, x : x + px, y : y + py, z : z + pz] for b, x, y, z in chunk])
             with torch.autocast(device_type=sw_device.type, dtype=self.amp_dtype, enabled=use_amp):
-                out = network(tiles.to(sw_device), *args, **kwargs)
+                out = run(tiles.to(sw_device), *args, **kwargs)
             if not isinstance(out, torch.Tensor):
                 raise ValueError(f"network must return a tensor, got {type(out).__name__}")
-            if tuple(out.shape[2:]) != self.output_size or out.shape[0] != len(chunk):
+            if tuple(out.shape[2:]) != output_size or out.shape[0] != len(chunk):
                 raise ValueError(
                     f"network output {tuple(out.shape)} for tiles {tuple(tiles.shape)} does not have spatial size "
-                    f"output_size={self.output_size}; set patch_size/output_size to the network's"
+                    f"output_size={output_size}; set patch_size/output_size to the network's"
                 )
             out = torch.as_tensor(out).to(device=out_device, dtype=torch.float32)
             if result is None:
-                full = [n * o for n, o in zip(tiles_per_axis, self.output_size, strict=True)]
+                full = [n * o for n, o in zip(tiles_per_axis, output_size, strict=True)]
                 result = torch.zeros(batch, out.shape[1], *full, device=out_device, dtype=torch.float32)
             for (b, x, y, z), tile_out in zip(chunk, out, strict=True):
                 result[b, :, x : x + ox, y : y + oy, z : z + oz] = tile_out
+        if hasattr(run, "release"):  # an engine's buffers are not kept through what follows the network
+            run.release()
         assert result is not None  # at least one tile exists for a non-empty volume
         result = result[:, :, : spatial[0], : spatial[1], : spatial[2]]
         if source is not None and not self.includes_context:  # same grid: affine and history stay valid
             result = MetaTensor(result, meta=source.meta, applied_operations=list(source.applied_operations))
         return result
+
+
+class RefiningInferer(Inferer):
+    """A base inferer followed by test-time refinement of each item's DDF (:mod:`prostate_jrs.refine`).
+
+    The bundle's ``inferer`` in inference and evaluation: ``inferer(inputs, network)``. The refinement runs on the
+    device of ``inputs`` (the evaluator's device). The last batch's network-only output stays in
+    :attr:`network_pred` and the refinement reports in :attr:`reports`, so evaluation can score both.
+
+    Args:
+        inferer: the network's inferer (e.g. :class:`ValidPatchInferer` with ``includes_context``); its output may
+            be smaller than its input by a context border, which the refinement uses.
+        mode: ``off``, ``fast`` or ``accurate`` (:data:`prostate_jrs.refine.REFINE_MODES`).
+        settings: overrides of the mode's :class:`prostate_jrs.refine.RefineSettings` fields.
+    """
+
+    def __init__(self, inferer: Inferer, mode: str | None = "fast", settings: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.settings = refine_settings(mode, settings)
+        self.network_pred: torch.Tensor | None = None
+        self.reports: list[RefineReport] = []
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Run the base inferer, then refine every item of the batch."""
+        pred = self.inferer(inputs, network, *args, **kwargs)
+        self.network_pred, self.reports = None, []
+        if self.settings is None:
+            return pred
+        self.network_pred = torch.as_tensor(pred).detach().clone()
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        refined = []
+        for b in range(pred.shape[0]):
+            item, report = refine_prediction(
+                plain[b : b + 1], torch.as_tensor(pred[b : b + 1]).to(plain.device), self.settings
+            )
+            refined.append(item.to(pred.device))
+            self.reports.append(report)
+        out = torch.cat(refined)
+        if isinstance(pred, MetaTensor):
+            out = MetaTensor(out, meta=pred.meta, applied_operations=list(pred.applied_operations))
+        return out
 
 
 _WARPS: dict[str, Warp] = {}

@@ -5,14 +5,16 @@ Stages of :func:`run_pipeline` (each timed):
 1. ``rigid``: rigid pre-alignment on bone (:func:`prostate_jrs.rigid.align_on_bone`), giving ``R``, the 4x4 map of
    daily-frame points (LPS mm) to planning-frame points. Planning and daily CT usually come from different
    sessions, frames of reference and couch positions, so their world coordinates do not correspond without it.
-2. ``preprocess``: the *model grid*: axes of the daily CT reoriented to RAS (as the bundle's ``Orientationd``),
-   isotropic ``model_spacing`` (``Spacingd``), cropped to the planning contours (mapped into the daily frame by
-   ``R^-1``) plus ``crop_margin_mm`` and to the daily CT's extent (``CropForegroundd(allow_smaller=True)``). The
-   daily CT, the planning CT and the planning label map (both through ``R``) are resampled onto it and the CTs
-   scaled from ``[hu_min, hu_max]`` to ``[-1, 1]``: the bundle's preprocessing, done crop-first so a 512 x 512 CT is
-   never resampled whole. Parameters come from the bundle (:func:`load_bundle`), so bundle and app agree.
+2. ``preprocess``: the *model grid* (:func:`prostate_jrs.preprocessing.model_inputs`, the same step the bundle's
+   ``ModelGridd`` runs on datalist items): daily CT axes reoriented to RAS, isotropic ``model_spacing``, cropped to
+   the planning contours (mapped into the daily frame by ``R^-1``) plus ``crop_margin_mm`` and to the daily CT's
+   extent (less the network's context border, where the contours allow), grown by that border; daily CT, planning CT
+   and planning label map (both through ``R``) resampled onto it once and the CTs scaled from ``[hu_min, hu_max]`` to
+   ``[-1, 1]``, crop-first so a 512 x 512 CT is never resampled whole. Parameters come from the bundle
+   (:func:`load_bundle`), so bundle and app agree.
 3. ``network``: :class:`~prostate_jrs.inferers.ValidPatchInferer` over the model grid -> ``pred`` (3 DDF + 5 logits).
-4. ``refine`` (optional): a caller-supplied step that may improve ``pred`` (e.g. test-time optimisation).
+4. ``refine``: test-time instance optimisation of the DDF (:mod:`prostate_jrs.refine`) with the bundle's setting
+   (``settings.refine``; ``None`` skips it), then an optional caller-supplied step ``refine(inputs, pred)``.
 5. ``restore``: :func:`prostate_jrs.evaluation.restore_to_daily_grid` with the planning contours placed in the daily
    frame by ``R^-1``: DDF, registration path (original planning contours warped once), segmentation path and the
    final contours per structure (``contour_source``) on the daily CT's own grid.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +47,17 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from prostate_jrs.backends import BACKENDS
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS
 from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, restore_to_daily_grid
-from prostate_jrs.geometry import (
-    affine_transform,
-    array_from_image,
-    image_from_array,
-    index_to_world,
-    world_to_index,
-)
-from prostate_jrs.inferers import ValidPatchInferer
+from prostate_jrs.geometry import array_view, ddf_to_grid, index_to_world, label_counts, world_to_index
+from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
+from prostate_jrs.preprocessing import PreprocessingError, box_corners, model_grid, model_inputs
 from prostate_jrs.qa import quality_report
+from prostate_jrs.refine import RefineSettings, refine_prediction
+from prostate_jrs.rigid import RigidAlignment
+from prostate_jrs.trust import model_hash_problem
 
 __all__ = [
     "BundleError",
@@ -70,10 +72,10 @@ __all__ = [
 ]
 
 RefineStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``refine(inputs, pred) -> pred``: inputs ``(1, 3, *S)`` and pred ``(1, 8, *S)`` on the model grid."""
+"""``refine(inputs, pred) -> pred`` on the model grid: pred ``(1, 8, *S)``; inputs ``(1, 3, *(S + 2b))`` with the
+network's context border ``b`` of real anatomy around pred's grid."""
 
 _GRID_TOLERANCE = 1e-3  # mm / direction cosine: the label map must lie on the planning CT grid
-_AIR_HU = -1000.0
 
 
 class PipelineError(ValueError):
@@ -97,6 +99,12 @@ class PipelineSettings:
         patch_size: network input tile of the inferer.
         output_size: network output for one tile; ``None`` for ``patch_size - 40``.
         tile_batch_size: tiles per network call.
+        max_tile_voxels: fit the tiles to the model grid with at most this many input voxels each; ``None`` for
+            ``patch_size`` tiles (:class:`~prostate_jrs.inferers.ValidPatchInferer`).
+        backend: what runs the network (:mod:`prostate_jrs.backends`): ``torch`` (here the default: the network
+            as given), ``auto``, ``openvino`` or ``onnxruntime``; the bundle's ``backend`` (default ``auto``).
+        onnx_file: the bundle's ONNX export of the network (ONNX backends); ``None`` for the cache folder.
+        amp: autocast the network on CUDA (ignored on the CPU).
         contour_source: structure -> ``"reg"`` or ``"seg"`` (missing: the project default).
         device: torch device of the network.
         rigid: run the rigid pre-alignment on bone; ``False`` only when both scans share a frame of reference and
@@ -106,6 +114,7 @@ class PipelineSettings:
         volume_change_limit_pct: QA flag when a structure's volume changes by more than this against planning.
         residual_limit: QA flag when the rigid alignment's bone surface RMS residual (mm) is above this.
         body_hu: HU above which a daily voxel counts as body for the DDF statistics.
+        refine: test-time refinement of the DDF after the network (:mod:`prostate_jrs.refine`); ``None``: off.
     """
 
     network_name: str = "cross_stitch"
@@ -116,6 +125,10 @@ class PipelineSettings:
     patch_size: int = 96
     output_size: int | None = None
     tile_batch_size: int = 2
+    max_tile_voxels: int | None = None
+    backend: str = "torch"
+    onnx_file: str | None = None
+    amp: bool = False
     contour_source: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     rigid: bool = True
@@ -124,6 +137,7 @@ class PipelineSettings:
     volume_change_limit_pct: float = 50.0
     residual_limit: float = 3.0
     body_hu: float = -500.0
+    refine: RefineSettings | None = None
 
     def __post_init__(self) -> None:
         if self.model_spacing <= 0:
@@ -133,6 +147,8 @@ class PipelineSettings:
         if self.crop_margin_mm < 0:
             raise ValueError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
         resolve_contour_source(self.network_name, self.contour_source)  # raises on unknown names or paths
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property
     def resolved_contour_source(self) -> dict[str, str]:
@@ -140,45 +156,19 @@ class PipelineSettings:
         return resolve_contour_source(self.network_name, self.contour_source)
 
 
-@dataclass(frozen=True)
-class RigidAlignment:
-    """The rigid pre-alignment.
-
-    Args:
-        daily_to_planning: 4x4 map of daily-frame points (LPS mm) to planning-frame points.
-        residual: RMS distance (mm) of daily bone surface points, mapped by ``R``, to the planning bone surface;
-            ``None`` when not measured.
-        method: how it was obtained (``bone``: :func:`prostate_jrs.rigid.align_on_bone`; ``none``: identity).
-        bone_overlap: Dice of the daily bone mask and the aligned planning bone mask, if measured.
-    """
-
-    daily_to_planning: np.ndarray
-    residual: float | None = None
-    method: str = "bone"
-    bone_overlap: float | None = None
-
-    @property
-    def translation_mm(self) -> float:
-        """Length of the translation part (mm)."""
-        return float(np.linalg.norm(self.daily_to_planning[:3, 3]))
-
-    @property
-    def rotation_deg(self) -> float:
-        """Rotation angle of the linear part (degrees)."""
-        cosine = (np.trace(self.daily_to_planning[:3, :3]) - 1.0) / 2.0
-        return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
-
-
 @dataclass
 class PipelineResult:
     """What :func:`run_pipeline` returns; every image lies on the daily CT's grid.
+
+    The DDF stays on the model grid (:attr:`model_ddf`) until a grid asks for it: :meth:`ddf_on` restores it straight
+    onto that grid (the registration object's, the contour masks'), in float32; :attr:`ddf` is the whole daily grid
+    (about 0.4 GB at 512 x 512 x 122, made on first use).
 
     Attributes:
         labels: final contours, uint8 label map (0..4).
         reg: registration path (planning contours warped by the rigid part and the DDF), uint8.
         seg: segmentation path (argmax of the logits; 0 outside the network's field of view), uint8.
-        ddf: float32 ``(3, I, J, K)`` in daily voxel units, relative to the rigidly aligned planning (module
-            docstring).
+        model_ddf: float32 ``(3, *model grid)``: the network's (or refined) DDF in model voxel units.
         rigid: the rigid part ``R`` (daily -> planning) and its residual.
         fov: boolean ``(I, J, K)``: daily voxels inside the model grid (what the network saw).
         model_grid: geometry of the model grid (a uint8 image; only its geometry means anything).
@@ -191,13 +181,23 @@ class PipelineResult:
     labels: sitk.Image
     reg: sitk.Image
     seg: sitk.Image
-    ddf: np.ndarray
+    model_ddf: np.ndarray
     rigid: RigidAlignment
     fov: np.ndarray
     model_grid: sitk.Image
     contour_source: dict[str, str]
     qa: dict[str, Any]
     timings: dict[str, float]
+
+    def ddf_on(self, grid: sitk.Image) -> np.ndarray:
+        """The DDF on ``grid`` (any grid in the daily frame): float32 ``(3, *size)`` in voxel units of ``grid``,
+        relative to the rigidly aligned planning scan (module docstring); beyond the model grid its edge values."""
+        return ddf_to_grid(self.model_ddf, index_to_world(self.model_grid), index_to_world(grid), grid.GetSize())
+
+    @cached_property
+    def ddf(self) -> np.ndarray:
+        """The DDF on the whole daily grid, ``ddf_on(labels)`` (made on first use)."""
+        return self.ddf_on(self.labels)
 
 
 # --------------------------------------------------------------------------------------------------- bundle
@@ -213,14 +213,15 @@ def load_bundle(
     Args:
         bundle_dir: the bundle folder (``configs/inference.json``, ``models/model.pt``).
         device: torch device for the network.
-        overrides: config values to override (e.g. ``{"tile_batch_size": 4}``), as ``monai.bundle`` would.
+        overrides: config values to override (e.g. ``{"tile_batch_size": 4}``, ``{"refine#mode": "off"}``), as
+            ``monai.bundle`` would.
 
     Returns:
         ``(network, settings)``; the network is in eval mode on ``device``.
 
     Raises:
-        BundleError: if ``configs/inference.json`` or ``models/model.pt`` is missing, or the weights do not fit the
-            configured network.
+        BundleError: if ``configs/inference.json`` or ``models/model.pt`` is missing, the weights are not those whose
+            sha256 ``configs/metadata.json`` records, or they do not fit the configured network.
     """
     from monai.bundle import ConfigParser  # bundle parsing pulls in the config machinery; keep it off import
 
@@ -233,6 +234,8 @@ def load_bundle(
         raise BundleError(
             f"{weights}: no model weights; train the bundle (bundle/configs/train.json) or copy a model.pt there"
         )
+    if problem := model_hash_problem(root):  # the weights must be those its metadata.json records
+        raise BundleError(problem)
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(root)
@@ -244,20 +247,27 @@ def load_bundle(
 
     # tiling as the bundle's inferer does it (valid convolutions: any tile size works, the bundle picks one)
     inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
-    patch_size = int(inferer.patch_size[0]) if isinstance(inferer, ValidPatchInferer) else 96
-    output_size = int(inferer.output_size[0]) if isinstance(inferer, ValidPatchInferer) else None
-    tiles = int(inferer.tile_batch_size) if isinstance(inferer, ValidPatchInferer) else 2
+    refine = None
+    if isinstance(inferer, RefiningInferer):  # the bundle's refinement setting is the pipeline's
+        inferer, refine = inferer.inferer, inferer.settings
+    if not isinstance(inferer, ValidPatchInferer):
+        inferer = ValidPatchInferer(96, None, 2, backend="auto")
     settings = PipelineSettings(
         network_name=str(value("network_name", "cross_stitch")),
         model_spacing=float(value("model_spacing", 1.0)),
         hu_min=float(value("hu_min", -1000.0)),
         hu_max=float(value("hu_max", 1000.0)),
         crop_margin_mm=float(value("crop_margin_mm", 40.0)),
-        patch_size=patch_size,
-        output_size=output_size,
-        tile_batch_size=tiles,
+        patch_size=int(inferer.patch_size[0]),
+        output_size=int(inferer.output_size[0]),
+        tile_batch_size=inferer.tile_batch_size,
+        max_tile_voxels=inferer.max_tile_voxels,
+        backend=inferer.backend,
+        onnx_file=inferer.onnx_file,
+        amp=inferer.amp,
         contour_source=dict(value("contour_source", {}) or {}),
         device=device,
+        refine=refine,
     )
     network = parser.get_parsed_content("network_def", instantiate=True)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
@@ -318,13 +328,13 @@ def _check_inputs(planning_ct: sitk.Image, planning_labels: sitk.Image, daily_ct
             f"the planning labels are in frame of reference {frame_labels}, the planning CT in {frame_ct}; contours "
             "are only used in their own frame of reference"
         )
-    labels = array_from_image(planning_labels)
+    labels = array_view(planning_labels)  # no copy: the label map is read, never written
     if not np.issubdtype(labels.dtype, np.integer):
         rounded = np.rint(labels)
         if not np.array_equal(rounded, labels):
             raise PipelineError("the planning label map has non-integer values; expected labels 0..4")
         labels = rounded
-    values = np.unique(labels)
+    values = np.flatnonzero(label_counts(labels)) if labels.dtype == np.uint8 else np.unique(labels)
     bad = [int(v) for v in values if not 0 <= v < NUM_CLASSES]
     if bad:
         raise PipelineError(
@@ -333,7 +343,7 @@ def _check_inputs(planning_ct: sitk.Image, planning_labels: sitk.Image, daily_ct
         )
     if values.max(initial=0) == 0:
         raise PipelineError("the planning label map is empty: no planning contour to propagate")
-    return labels.astype(np.uint8)
+    return labels.astype(np.uint8, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------- rigid
@@ -355,97 +365,45 @@ def _align(daily_ct: sitk.Image, planning_ct: sitk.Image) -> RigidAlignment:
     )
 
 
-# --------------------------------------------------------------------------------------------------- model grid
-
-
-def _ras_direction(daily: sitk.Image) -> np.ndarray:
-    """Daily direction cosines with axes permuted and flipped to point R, A, S (LPS world), as ``Orientationd``."""
-    direction = np.asarray(daily.GetDirection(), dtype=np.float64).reshape(3, 3)
-    targets = np.diag([-1.0, -1.0, 1.0])  # R, A, S in LPS coordinates
-    columns, used = [], set()
-    for t in range(3):
-        dots = targets[:, t] @ direction
-        order = [a for a in np.argsort(-np.abs(dots)) if a not in used]
-        axis = int(order[0])
-        used.add(axis)
-        columns.append(direction[:, axis] * np.sign(dots[axis] or 1.0))
-    return np.stack(columns, axis=1)
-
-
-def _box_corners(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """World points (N, 3) of the corners of the index box ``[lo, hi]`` of ``image``."""
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    return (index_to_world(image) @ corners.T).T[:, :3]
-
-
-def model_grid(
-    daily_ct: sitk.Image,
-    planning_labels: np.ndarray,
-    planning_grid: sitk.Image,
-    daily_to_planning: np.ndarray,
-    spacing: float,
-    margin_mm: float,
-) -> sitk.Image:
-    """The network's grid in the daily frame: RAS axes, isotropic ``spacing``, around the planning contours.
-
-    Args:
-        daily_ct: the daily CT.
-        planning_labels: planning label map ``(I, J, K)`` on ``planning_grid``.
-        planning_grid: the planning CT (its geometry).
-        daily_to_planning: ``R``.
-        spacing: model voxel size (mm).
-        margin_mm: margin around the contours' bounding box.
-
-    Returns:
-        A uint8 image with the grid's geometry, inside the daily CT's extent.
-
-    Raises:
-        PipelineError: if the planning contours do not overlap the daily CT after the rigid alignment.
-    """
-    direction = _ras_direction(daily_ct)
-    labelled = np.argwhere(planning_labels > 0)
-    lo, hi = labelled.min(axis=0) - 0.5, labelled.max(axis=0) + 0.5
-    planning_to_daily = np.linalg.inv(daily_to_planning)
-    corners = _box_corners(planning_grid, lo, hi)
-    corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
-    contour_lo = (corners @ direction).min(axis=0) - margin_mm
-    contour_hi = (corners @ direction).max(axis=0) + margin_mm
-    size = np.asarray(daily_ct.GetSize(), dtype=np.float64)
-    daily_corners = _box_corners(daily_ct, np.zeros(3), size - 1) @ direction
-    daily_lo, daily_hi = daily_corners.min(axis=0), daily_corners.max(axis=0)
-    box_lo, box_hi = np.maximum(contour_lo, daily_lo), np.minimum(contour_hi, daily_hi)
-    if np.any(box_hi - box_lo < spacing):
-        raise PipelineError(
-            "after the rigid alignment the planning contours lie outside the daily CT (contours span "
-            f"{np.round(contour_lo + margin_mm, 1).tolist()} to {np.round(contour_hi - margin_mm, 1).tolist()} mm, "
-            f"daily CT {np.round(daily_lo, 1).tolist()} to {np.round(daily_hi, 1).tolist()} mm along R, A, S); "
-            "check that both scans are of the same patient and the daily scan covers the pelvis"
-        )
-    shape = [int(n) for n in np.floor((box_hi - box_lo) / spacing).astype(int) + 1]
-    grid = sitk.Image(shape, sitk.sitkUInt8)
-    grid.SetSpacing([float(spacing)] * 3)
-    grid.SetDirection(direction.ravel().tolist())
-    grid.SetOrigin((direction @ box_lo).tolist())
-    return grid
-
-
-def _grown(grid: sitk.Image, voxels: int) -> sitk.Image:
-    """``grid`` extended by ``voxels`` on every side (same spacing and axes)."""
-    grown = sitk.Image([n + 2 * voxels for n in grid.GetSize()], grid.GetPixelID())
-    grown.SetSpacing(grid.GetSpacing())
-    grown.SetDirection(grid.GetDirection())
-    grown.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-float(voxels)] * 3))
-    return grown
+# --------------------------------------------------------------------------------------------------- restore
 
 
 def _daily_box(grid: sitk.Image, daily_ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Index box ``[lo, hi)`` of the daily voxels around the model grid (one voxel of margin), inside the daily CT."""
     size = np.asarray(grid.GetSize(), dtype=np.float64)
-    corners = _box_corners(grid, np.full(3, -0.5), size - 0.5)
+    corners = box_corners(grid, np.full(3, -0.5), size - 0.5)
     index = (world_to_index(daily_ct) @ np.c_[corners, np.ones(len(corners))].T).T[:, :3]
     lo = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 2, np.asarray(daily_ct.GetSize()))
     return lo, hi
+
+
+@dataclass
+class _Restored:
+    """Both contour paths, the final contours and the field of view in the daily box around the model grid (a
+    :class:`DailyGridResult` on the daily voxels from index ``lo`` on); outside the box everything is background."""
+
+    box: DailyGridResult
+    lo: np.ndarray
+
+    def _slices(self, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(int(a), int(a) + n) for a, n in zip(self.lo, shape, strict=True))
+
+    def image(self, name: str, reference: sitk.Image) -> sitk.Image:
+        """The map ``name`` (``labels``, ``reg``, ``seg``) on the daily grid: one conversion, made straight in
+        SimpleITK's (K, J, I) order."""
+        box = getattr(self.box, name)
+        array = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+        array[self._slices(box.shape)[::-1]] = box.transpose(2, 1, 0)
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(reference)
+        return image
+
+    def fov(self, size: tuple[int, ...]) -> np.ndarray:
+        """The field-of-view mask on the whole daily grid."""
+        mask = np.zeros(size, dtype=bool)
+        mask[self._slices(self.box.fov.shape)] = self.box.fov
+        return mask
 
 
 def _restore(
@@ -455,13 +413,13 @@ def _restore(
     labels: np.ndarray,
     planning_affine: np.ndarray,
     contour_source: Mapping[str, str],
-) -> DailyGridResult:
+) -> _Restored:
     """:func:`restore_to_daily_grid`, computed only in the daily voxels around the model grid.
 
     A 512 x 512 daily CT has ~10x more voxels than the box the network saw; resampling them all cost most of the
-    run time. Outside the box the DDF is continued with its edge values (as ``ddf_to_grid`` continues it outside the
-    model grid) and both contour paths are empty: the box holds the planning contours plus ``crop_margin_mm``, so a
-    contour could only reach beyond it with a displacement larger than the margin.
+    run time. Outside the box both contour paths are empty: the box holds the planning contours plus
+    ``crop_margin_mm``, so a contour could only reach beyond it with a displacement larger than the margin. The DDF is
+    not kept at daily resolution: :meth:`PipelineResult.ddf_on` restores it onto the grids that are written.
     """
     lo, hi = _daily_box(grid, daily_ct)
     shift = np.eye(4)
@@ -475,21 +433,7 @@ def _restore(
         planning_affine,
         contour_source,
     )
-    size = np.asarray(daily_ct.GetSize())
-    pad = [(int(a), int(n - b)) for a, b, n in zip(lo, hi, size, strict=True)]
-    return DailyGridResult(
-        ddf=np.pad(box.ddf, [(0, 0), *pad], mode="edge"),
-        reg=np.pad(box.reg, pad),
-        seg=np.pad(box.seg, pad),
-        labels=np.pad(box.labels, pad),
-        affine=index_to_world(daily_ct),
-        fov=np.pad(box.fov, pad),
-    )
-
-
-def _scale(hu: np.ndarray, settings: PipelineSettings) -> np.ndarray:
-    scaled = (hu - settings.hu_min) / (settings.hu_max - settings.hu_min) * 2.0 - 1.0
-    return np.clip(scaled, -1.0, 1.0).astype(np.float32)
+    return _Restored(box, lo)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -536,34 +480,24 @@ def run_pipeline(
         rigid = _align(daily_ct, planning_ct) if settings.rigid else RigidAlignment(np.eye(4), None, "none")
     lap("rigid")
 
-    grid = model_grid(
-        daily_ct, labels, planning_ct, rigid.daily_to_planning, settings.model_spacing, settings.crop_margin_mm
-    )
-    to_planning = affine_transform(rigid.daily_to_planning)
     # the network sees real anatomy, not padding, for its border around the grid (ValidPatchInferer.includes_context)
-    border = (settings.patch_size - settings.output_size) // 2
-    context_grid = _grown(grid, border)
-    inner = tuple(slice(border, border + n) for n in grid.GetSize())
-    daily_model = sitk.Resample(daily_ct, context_grid, sitk.Transform(), sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
-    planning_model = sitk.Resample(planning_ct, context_grid, to_planning, sitk.sitkLinear, _AIR_HU, sitk.sitkFloat32)
-    labels_model = sitk.Resample(
-        planning_labels, context_grid, to_planning, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
-    )
-    daily_context = array_from_image(daily_model)
-    context_inputs = np.stack(
-        [
-            _scale(daily_context, settings),
-            _scale(array_from_image(planning_model), settings),
-            array_from_image(labels_model).astype(np.float32),
-        ]
-    )
-    daily_array = daily_context[inner]
-    inputs = context_inputs[(slice(None), *inner)]
-    if not inputs[2].any():
-        raise PipelineError(
-            "after the rigid alignment no planning contour falls on the daily CT; check that both scans are of the "
-            "same patient and the daily scan covers the pelvis"
+    try:
+        model = model_inputs(
+            daily_ct,
+            planning_ct,
+            planning_labels,
+            rigid.daily_to_planning,
+            spacing=settings.model_spacing,
+            margin_mm=settings.crop_margin_mm,
+            context_voxels=(settings.patch_size - settings.output_size) // 2,
+            hu_min=settings.hu_min,
+            hu_max=settings.hu_max,
         )
+    except PreprocessingError as err:
+        raise PipelineError(str(err)) from err
+    grid, context_inputs = model.grid, model.image
+    daily_array = model.daily_hu[model.inner]
+    inputs = context_inputs[(slice(None), *model.inner)]
     lap("preprocess")
 
     device = torch.device(settings.device)
@@ -571,34 +505,41 @@ def run_pipeline(
         patch_size=settings.patch_size,
         output_size=settings.output_size,
         tile_batch_size=settings.tile_batch_size,
+        amp=settings.amp,
         sw_device=device,
         device="cpu",
         includes_context=True,
+        max_tile_voxels=settings.max_tile_voxels,
+        backend=settings.backend,
+        onnx_file=settings.onnx_file,
     )
     network.eval()
-    inputs_tensor = torch.from_numpy(np.ascontiguousarray(inputs))[None]
+    context_tensor = torch.from_numpy(context_inputs)[None].to(device)
     with torch.inference_mode():
-        pred = inferer(torch.from_numpy(context_inputs)[None].to(device), network)
+        pred = inferer(context_tensor, network)
     lap("network")
+    refine_report: dict[str, Any] = {"mode": "off"}
+    if settings.refine is not None:
+        pred, report = refine_prediction(context_tensor, pred.to(device), settings.refine)
+        refine_report = report.as_dict()
     if refine is not None:
-        pred = refine(inputs_tensor.clone(), pred.clone())
+        pred = refine(context_tensor.clone(), pred.clone())
         if tuple(pred.shape) != (1, 3 + NUM_CLASSES, *inputs.shape[1:]):
             raise ValueError(f"refine returned pred of shape {tuple(pred.shape)}; expected that of its input")
     lap("refine")
 
     contour_source = settings.resolved_contour_source
     planning_affine = np.linalg.inv(rigid.daily_to_planning) @ index_to_world(planning_labels)
+    model_ddf = pred[0, :3].detach().cpu().numpy()
     restored = _restore(pred[0].detach().cpu().numpy(), grid, daily_ct, labels, planning_affine, contour_source)
-    reference = sitk.Image(daily_ct.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(daily_ct)
+    images = {name: restored.image(name, daily_ct) for name in ("labels", "reg", "seg")}
     lap("restore")
 
-    model_ddf = pred[0, :3].detach().cpu().numpy()
     body = daily_array > settings.body_hu
-    qa = quality_report(
-        reg=restored.reg,
-        seg=restored.seg,
-        final=restored.labels,
+    qa = quality_report(  # on the box: every contour voxel lies in it
+        reg=restored.box.reg,
+        seg=restored.box.seg,
+        final=restored.box.labels,
         daily_grid=daily_ct,
         planning_labels=labels,
         planning_grid=planning_ct,
@@ -608,16 +549,17 @@ def run_pipeline(
         contour_source=contour_source,
         settings=settings,
     )
+    qa["refine"] = refine_report
     lap("qa")
     timings["total"] = round(time.perf_counter() - start, 3)
     qa["timings_s"] = dict(timings)
     return PipelineResult(
-        labels=image_from_array(restored.labels, reference),
-        reg=image_from_array(restored.reg, reference),
-        seg=image_from_array(restored.seg, reference),
-        ddf=restored.ddf,
+        labels=images["labels"],
+        reg=images["reg"],
+        seg=images["seg"],
+        model_ddf=model_ddf,
         rigid=rigid,
-        fov=restored.fov,
+        fov=restored.fov(daily_ct.GetSize()),
         model_grid=grid,
         contour_source=contour_source,
         qa=qa,

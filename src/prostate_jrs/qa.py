@@ -25,14 +25,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
-from prostate_jrs.geometry import array_from_image
+from prostate_jrs.geometry import array_view, label_box, label_counts
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
 if TYPE_CHECKING:
     from prostate_jrs.pipeline import PipelineSettings, RigidAlignment
 
-__all__ = ["quality_report", "write_qa_png"]
+__all__ = ["QA_PNG_DPI", "QA_PNG_INCHES", "quality_report", "write_qa_png"]
+
+#: Size of ``qa.png``: 9 x 3.4 inches at 100 dpi, 900 x 340 pixels, for any scan and number of slices.
+QA_PNG_INCHES: tuple[float, float] = (9.0, 3.4)
+QA_PNG_DPI = 100
 
 
 def _clean(value: float | None, digits: int = 4) -> float | None:
@@ -92,12 +96,13 @@ def quality_report(
     daily_ml = float(np.prod(spacing)) / 1000.0
     planning_ml = float(np.prod(planning_grid.GetSpacing())) / 1000.0
     flags: list[str] = []
+    planning_counts = label_counts(planning_labels)
     structures: dict[str, dict[str, Any]] = {}
     for structure in STRUCTURES:
         name = structure.name
         pair = agreement[name]
         volume = float(np.count_nonzero(final[box] == structure.label)) * daily_ml
-        planned = float(np.count_nonzero(planning_labels == structure.label)) * planning_ml
+        planned = float(planning_counts[structure.label] if structure.label < planning_counts.size else 0) * planning_ml
         change = volume - planned
         change_pct = 100.0 * change / planned if planned > 0 else math.nan
         structures[name] = {
@@ -196,15 +201,19 @@ def write_qa_png(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    ct, reg_map, seg_map = array_from_image(daily_ct), array_from_image(reg), array_from_image(seg)
-    ks = _slices_to_show(np.maximum(reg_map, seg_map), num_slices)
+    # views, not copies: only the slices drawn are read (a 512 x 512 x 122 CT is 128 MB as float32)
+    ct, reg_map, seg_map = array_view(daily_ct), array_view(reg), array_view(seg)
+    found = label_box(np.maximum(reg_map, seg_map))
+    box = found if found is not None else tuple(slice(0, n) for n in reg_map.shape)
+    ks = _slices_to_show(np.maximum(reg_map[box], seg_map[box]), num_slices)
+    ks = [k + box[2].start for k in ks]
     # zoom on the contours: bounding box of both paths plus 30 mm
-    box = _crop_box(reg_map, seg_map, pad=0)
     margin = [int(30 / s) for s in daily_ct.GetSpacing()]
     i0, i1 = max(box[0].start - margin[0], 0), min(box[0].stop + margin[0], ct.shape[0])
     j0, j1 = max(box[1].start - margin[1], 0), min(box[1].stop + margin[1], ct.shape[1])
     spacing = daily_ct.GetSpacing()
-    fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 4.4), squeeze=False)
+    # a fixed small picture (900 x 340 pixels) whatever the scan and the number of slices
+    fig, axes = plt.subplots(1, len(ks), figsize=QA_PNG_INCHES, squeeze=False)
     for ax, k in zip(axes[0], ks, strict=True):
         # rows = J (posterior down in LPS), columns = I: the radiological view of an axial slice
         extent = (-0.5, (i1 - i0) * spacing[0] - 0.5, (j1 - j0) * spacing[1] - 0.5, -0.5)
@@ -236,7 +245,7 @@ def write_qa_png(
     fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    fig.savefig(tmp, dpi=QA_PNG_DPI, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path

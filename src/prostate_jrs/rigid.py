@@ -19,7 +19,9 @@ clamped images, sampled in the dilated daily bone mask, over three resolution le
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,7 +29,23 @@ from scipy import ndimage
 
 from prostate_jrs.geometry import identity_grid, index_to_world, world_to_index
 
-__all__ = ["NoBoneError", "RigidResult", "align_on_bone", "resample_moving"]
+__all__ = [
+    "RIGID_CONVENTION",
+    "NoBoneError",
+    "RigidAlignment",
+    "RigidResult",
+    "align_on_bone",
+    "recorded_or_on_bone",
+    "resample_moving",
+]
+
+RIGID_CONVENTION = (
+    "rigid.daily_to_planning is a 4x4 matrix mapping daily-scan points to planning-scan points (DICOM patient "
+    "coordinates, LPS mm; NIfTI RAS points are these with x and y negated), found on bone by "
+    "prostate_jrs.rigid.align_on_bone; residual_mm is the RMS distance of the mapped daily bone surface to the "
+    "planning bone surface. The network sees the planning scan through this map (prostate_jrs.preprocessing)."
+)
+"""What the ``rigid`` record of a datalist item means (written into ``datalist.json`` beside it)."""
 
 
 class NoBoneError(ValueError):
@@ -83,6 +101,90 @@ class RigidResult:
         grid = identity_grid(tuple(fixed.GetSize()), np.float64)
         moved = np.tensordot(mapping[:3, :3], grid, axes=1) + mapping[:3, 3, None, None, None]
         return (moved - grid).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RigidAlignment:
+    """The rigid pre-alignment of one pair, as the pipeline uses it and a datalist item records it.
+
+    Args:
+        daily_to_planning: 4x4 map of daily-frame points (LPS mm) to planning-frame points.
+        residual: RMS distance (mm) of daily bone surface points, mapped by ``R``, to the planning bone surface;
+            ``None`` when not measured.
+        method: how it was obtained (``bone``: :func:`align_on_bone`; ``none``: identity; ``given``: by the caller).
+        bone_overlap: Dice of the daily bone mask and the aligned planning bone mask, if measured.
+    """
+
+    daily_to_planning: np.ndarray
+    residual: float | None = None
+    method: str = "bone"
+    bone_overlap: float | None = None
+
+    @classmethod
+    def from_result(cls, result: RigidResult) -> RigidAlignment:
+        """The alignment :func:`align_on_bone` found."""
+        return cls(
+            daily_to_planning=np.asarray(result.matrix, dtype=np.float64),
+            residual=float(result.bone_rms_mm),
+            method="bone",
+            bone_overlap=float(result.bone_overlap),
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], where: str = "rigid") -> RigidAlignment:
+        """Read a datalist item's ``rigid`` record (:meth:`to_record`).
+
+        Raises:
+            ValueError: naming ``where`` if the matrix is not a 4x4 rigid transform.
+        """
+        try:
+            matrix = np.asarray(record["daily_to_planning"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: expected a record with a 4x4 'daily_to_planning' matrix, got {record!r}"
+            ) from err
+        linear = matrix[:3, :3] if matrix.shape == (4, 4) else None
+        if (
+            linear is None
+            or not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6)
+            or not np.allclose(linear @ linear.T, np.eye(3), atol=1e-4)
+            or np.linalg.det(linear) <= 0
+        ):
+            raise ValueError(
+                f"{where}: daily_to_planning must be a 4x4 rigid transform (rotation and translation, last row "
+                f"0 0 0 1), got {matrix.tolist()}"
+            )
+        residual, overlap = record.get("residual_mm"), record.get("bone_overlap")
+        return cls(
+            daily_to_planning=matrix,
+            residual=None if residual is None else float(residual),
+            method=str(record.get("method", "given")),
+            bone_overlap=None if overlap is None else float(overlap),
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready record for a datalist item (convention: :data:`RIGID_CONVENTION`)."""
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None or not np.isfinite(value) else round(float(value), 4)
+
+        return {
+            "daily_to_planning": np.round(self.daily_to_planning, 6).tolist(),
+            "residual_mm": rounded(self.residual),
+            "bone_overlap": rounded(self.bone_overlap),
+            "method": self.method,
+        }
+
+    @property
+    def translation_mm(self) -> float:
+        """Length of the translation part (mm)."""
+        return float(np.linalg.norm(self.daily_to_planning[:3, 3]))
+
+    @property
+    def rotation_deg(self) -> float:
+        """Rotation angle of the linear part (degrees)."""
+        cosine = (np.trace(self.daily_to_planning[:3, :3]) - 1.0) / 2.0
+        return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def _working_image(image: sitk.Image, target_mm: float) -> sitk.Image:
@@ -274,3 +376,26 @@ def align_on_bone(
         seconds=time.perf_counter() - start,
         resampled=resampled,
     )
+
+
+def recorded_or_on_bone(
+    record: Mapping[str, Any] | None, daily: sitk.Image, planning: sitk.Image, source: str, key: str = "rigid"
+) -> RigidAlignment:
+    """A datalist item's recorded rigid pre-alignment (``record``), else one found on bone now.
+
+    Args:
+        record: the item's ``key`` record (:meth:`RigidAlignment.to_record`), or ``None``.
+        daily: the daily CT (fixed).
+        planning: the planning CT (moving).
+        source: the item's daily file, for messages.
+        key: the record's name in the item, for messages.
+
+    Raises:
+        ValueError: naming ``source`` if the record is malformed or the scans have no bone to align on.
+    """
+    if record is not None:
+        return RigidAlignment.from_record(record, f"{source} ({key})")
+    try:
+        return RigidAlignment.from_result(align_on_bone(daily, planning))
+    except NoBoneError as err:
+        raise ValueError(f"{source}: rigid pre-alignment on bone failed: {err}") from err

@@ -37,6 +37,9 @@ DEFAULT_PACKAGES: tuple[str, ...] = (
     "pydicom",
     "highdicom",
     "monai-deploy-app-sdk",
+    "onnx",
+    "onnxruntime",
+    "openvino",
 )
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from prostate_jrs.nets import build_network
+from prostate_jrs.trust import record_model_hash
 
-__all__ = ["TINY_SETTINGS", "TINY_TRAINING", "write_tiny_bundle"]
+__all__ = ["TINY_REFINE", "TINY_SETTINGS", "TINY_TRAINING", "write_tiny_bundle"]
 
 #: Inference settings of the tiny copy: narrow cross-stitch on a 4 mm model grid, 56^3 tiles (16^3 output).
 TINY_SETTINGS: dict[str, Any] = {
@@ -37,8 +38,16 @@ TINY_TRAINING: dict[str, Any] = {
     "widths": [4, 8, 16],
 }
 
+#: Refinement overrides of smoke runs: two levels, a few steps (any mode).
+TINY_REFINE: dict[str, Any] = {"levels": [4, 2], "control_spacing": [8, 4], "iterations": [3, 3]}
 
-def write_tiny_bundle(source: str | Path, target: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+
+def write_tiny_bundle(
+    source: str | Path,
+    target: str | Path,
+    settings: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> Path:
     """Copy ``source``'s configs to ``target`` with tiny inference settings and randomly initialised weights.
 
     The weights are untrained (seed 0): for checking that the app, pipeline and benchmarks run, never for numbers.
@@ -47,6 +56,8 @@ def write_tiny_bundle(source: str | Path, target: str | Path, settings: Mapping[
         source: a bundle folder (its ``configs/`` is copied).
         target: the new bundle folder; must not exist.
         settings: ``inference.json`` keys to override; defaults to :data:`TINY_SETTINGS`.
+        training: ``train.json`` keys to override (e.g. :data:`TINY_TRAINING`, so that the copy can be fine-tuned,
+            as ``prostate-jrs adapt`` does); ``None`` leaves ``train.json`` as copied.
 
     Returns:
         ``target``.
@@ -63,8 +74,12 @@ def write_tiny_bundle(source: str | Path, target: str | Path, settings: Mapping[
     config = json.loads(config_file.read_text())
     config.update(values)
     config_file.write_text(json.dumps(config, indent=4))
+    if training is not None:
+        train_file = target / "configs" / "train.json"
+        train_file.write_text(json.dumps({**json.loads(train_file.read_text()), **training}, indent=4))
     (target / "models").mkdir()
     torch.manual_seed(0)
     network = build_network(str(config.get("network_name", "cross_stitch")), config["widths"])
     torch.save(network.state_dict(), target / "models" / "model.pt")
+    record_model_hash(target)  # the copied metadata.json names the shipped weights' hash
     return target

@@ -107,8 +107,24 @@ def test_app_writes_complete_valid_outputs(sessions: Path, bundle: Path, tmp_pat
     assert {"folding_fraction", "jacobian_std"} <= set(qa["ddf"])
     assert {"bone_rms_mm", "translation_mm", "daily_to_planning"} <= set(qa["rigid"])
     assert {"load", "rigid", "preprocess", "network", "restore", "qa", "total"} <= set(qa["timings_s"])
+    assert qa["settings"]["network_backend"] == _auto_backend_on_cpu()  # the bundle's default on the CPU
+    # the bundle's default refinement ran, and its mode and cost are recorded
+    refine = qa["refine"]
+    assert refine["mode"] == "fast" and refine["budget"] > 0 and refine["seconds"] > 0 and "refine" in qa["timings_s"]
+    assert refine["similarity_after"] < refine["similarity_before"]
     assert isinstance(qa["flags"], list)
     assert (out / "qa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _auto_backend_on_cpu() -> str:
+    """``resolve_backend("auto", "cpu")``, resolved in a child process.
+
+    Resolving imports the ONNX engines; OpenVINO imported into the test process while pytest captures its output
+    left pytest's capture file closed after the in-process app runs of tests/app/test_app_fuzz.py (every later test
+    then errored with "I/O operation on closed file").
+    """
+    code = "from prostate_jrs.backends import resolve_backend; print(resolve_backend('auto', 'cpu'))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_app_refuses_mixed_patients_and_writes_nothing(
@@ -138,6 +154,15 @@ def _app_module() -> ModuleType:
     if str(REPO / "app") not in sys.path:
         sys.path.insert(0, str(REPO / "app"))
     return load_script(REPO / "app" / "app.py", "prostate_jrs_deploy_app")
+
+
+def test_backend_and_refine_options_are_the_apps_own() -> None:
+    app = _app_module()
+    options, sdk_argv = app.parse_app_options(["app", "-i", "IN", "--backend", "torch", "-o", "OUT", "--refine", "off"])
+    assert options.backend == "torch" and options.refine == "off"
+    assert sdk_argv == ["app", "-i", "IN", "-o", "OUT"]
+    with pytest.raises(SystemExit):
+        app.parse_app_options(["app", "--backend", "tensorrt"])
 
 
 def test_bundle_path_resolution(bundle: Path, tmp_path: Path) -> None:

@@ -22,21 +22,25 @@ def test_tiny_study_writes_tables_plots_and_the_test(tmp_path: Path, monkeypatch
     accuracy = _load()
     out = tmp_path / "out"
     args = ["--tiny", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(out)]
-    assert accuracy.main([*args, "--networks", "cross_stitch", "--threads", "1"]) == 0
+    assert accuracy.main([*args, "--networks", "cross_stitch", "--refine", "fast", "--threads", "1"]) == 0
     table = (out / "accuracy.md").read_text()
-    for method, path in (("identity", "reg"), ("elastix", "reg"), ("cross_stitch", "reg"), ("cross_stitch", "seg")):
+    refined = "cross_stitch + refine fast"
+    for method, path in (("identity", "reg"), ("rigid", "reg"), ("elastix", "reg"), ("cross_stitch", "seg")):
         assert f"| {method} | {path} |" in table
+    assert f"| {refined} | reg |" in table and f"| {refined} | final |" in table
+    assert f"| {refined} | final | prostate | 1 |" in table  # the per-structure test against elastix
     assert "Wilcoxon signed-rank" in table and "**HD95 (mm)**" in table and "**DDF**" in table
     identity_ddf = next(line for line in table.splitlines() if line.startswith("| identity | 0.000"))
     assert "n/a" not in identity_ddf  # the tiny phantoms know their deformation: the error is measured
     with (out / "per_case.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["method"] for r in rows} == {"identity", "elastix", "cross_stitch"}
+    assert {r["method"] for r in rows} == {"identity", "rigid", "elastix", "cross_stitch", refined}
     assert all(0.0 <= float(r["dsc"]) <= 1.0 for r in rows)
     report = json.loads((out / "accuracy.json").read_text())
     assert report["budget"]["epochs"] == 1 and report["timings"]["cross_stitch"]["train_seconds"] > 0
     assert report["budget"]["elastix_margin_mm"] == pytest.approx(16.0 + 20 * 4.0)
     assert report["wilcoxon"]["best"].startswith("cross_stitch") and report["wilcoxon"]["n_pairs"] == 1
+    assert report["timings"][refined]["registration_seconds_per_pair"] > 0
     for png in ("accuracy_dsc.png", "accuracy_hd95.png"):
         assert (out / png).stat().st_size > 10_000
 

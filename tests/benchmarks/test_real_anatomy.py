@@ -97,7 +97,8 @@ def test_the_field_does_not_depend_on_the_array_order() -> None:
     b = deform_real_ct(flipped, seed=1, noise_hu=0.0, offset=np.zeros(3))
     assert float(np.abs(a.ddf).max()) > 0.5  # a non-trivial field
     np.testing.assert_allclose(b.true_points()[:, ::-1, ::-1], a.true_points(), atol=1e-3)
-    np.testing.assert_array_equal(array_from_image(b.daily_ct)[::-1, ::-1], array_from_image(a.daily_ct))
+    # float32 sampling (geometry.resample_to_grid) rounds a few voxels to the neighbouring HU in the other order
+    np.testing.assert_allclose(array_from_image(b.daily_ct)[::-1, ::-1], array_from_image(a.daily_ct), atol=1)
     np.testing.assert_array_equal(array_from_image(b.planning_labels)[::-1, ::-1], array_from_image(a.planning_labels))
     assert jacobian_determinant(a.ddf).min() > 0
 
@@ -132,11 +133,14 @@ def test_tiny_run_writes_table_json_and_figure(tmp_path: Path) -> None:
     for name in ("real_anatomy.md", "real_anatomy.json", "real_anatomy.png"):
         assert (tmp_path / name).stat().st_size > 0
     report = json.loads((tmp_path / "real_anatomy.json").read_text())
-    assert set(report["methods"]) == {"rigid only", "shipped model", "elastix"}
+    assert list(report["methods"]) == list(benchmark.METHODS)
+    assert report["methods"]["network only"]["refine"] == {"mode": "off"}
+    refined = report["methods"]["refine fast from the network's DDF"]["refine"]
+    assert refined["mode"] == "fast" and refined["settings"]["init"] == "network" and refined["budget"] == 6
     for row in report["methods"].values():
         values = [row["crop"]["mean"], row["crop"]["p95"], row["body"]["mean"], row["body"]["p95"]]
         assert all(math.isfinite(v) and v >= 0 for v in values)
         assert 0.0 <= row["folding_fraction"] <= 1.0 and row["seconds"] > 0
     assert report["field"]["folding_fraction"] == 0.0
     table = [line for line in (tmp_path / "real_anatomy.md").read_text().splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in table[1:]] == ["rigid only", "shipped model", "elastix"]
+    assert [line.split("|")[1].strip() for line in table[1:]] == list(benchmark.METHODS)

@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/speed.py in its tiny mode: it runs end to end and writes a complete report.
+"""Smoke test of benchmarks/speed.py in its tiny mode: it runs end to end and writes a complete report; its CUDA rows
+(amp, GPU memory) are checked through the report functions, as far as a CPU can.
 
 The script runs in a subprocess, as users run it: it forks its measurements, which is only safe from a process that
 has run no torch operation yet, and a pytest session may have run some. No timing thresholds (DESIGN.md).
@@ -30,8 +31,10 @@ pytest.importorskip("itk")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("speed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # two fields of view and the variants that bracket the others: today's torch path and the shipped default
+    arguments = ["--tiny", "--fov-scales", "0.5", "1", "--variants", "torch-eager", "default", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+        [sys.executable, str(SCRIPT), *arguments],
         capture_output=True,
         text=True,
         cwd=out,
@@ -43,27 +46,43 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the tiny run: about a minute and a half on two idle cores, minutes on a busy machine
 def test_writes_table_json_and_plot(report: Path) -> None:
     stages = json.loads((report / "speed.json").read_text())["stages"]
-    assert {"load", "rigid", "preprocess", "network", "restore", "qa", "rtstruct", "seg", "registration"} <= set(stages)
+    assert {
+        "load",
+        "rigid",
+        "preprocess",
+        "network",
+        "refine",
+        "restore",
+        "qa",
+        "rtstruct",
+        "seg",
+        "registration",
+    } <= set(stages)
     table = (report / "speed.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| FOV | daily CT"))
     for title in stages.values():
         assert f"| {title} |" in header
-    for column in ("total s", "peak MiB", "elastix reg s", "x network", "x fraction"):
+    for column in ("backend", "total s", "peak MiB", "refine it/budget", "x network", "elastix reg s", "x fraction"):
         assert f"| {column} |" in header
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "| cpu |" in line]
-    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["0.5", "0.75", "1"]
-    assert all("error" not in row for row in rows)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "| cpu |" in line]
+    assert [(row[0].lstrip("| "), row[3]) for row in rows] == [
+        ("0.5", "torch-eager"), ("0.5", "default"), ("1", "torch-eager"), ("1", "default")
+    ]  # fmt: skip
+    assert all("error" not in "|".join(row) for row in rows)
+    assert "1-min load average" in table.splitlines()[0]
     assert (report / "speed_scaling.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_json_numbers_are_positive(report: Path) -> None:
     document = json.loads((report / "speed.json").read_text())
     assert document["tiny"] is True and document["devices"][0] == "cpu"  # plus cuda where there is a GPU
     assert document["hardware"]["cpu_model"] and document["hardware"]["logical_cores"] >= 1
     assert document["versions"]["torch"] and document["versions"]["itk-elastix"]
-    assert [row["scale"] for row in document["rows"] if row["device"] == "cpu"] == [0.5, 0.75, 1.0]
+    assert document["export"]["cpu"]["backend"] in ("openvino", "onnxruntime", "torch")
     voxels = [row["study"]["daily_voxels"] for row in document["rows"]]
     assert voxels == sorted(voxels) and voxels[0] > 0
     for row in document["rows"]:
@@ -72,11 +91,46 @@ def test_json_numbers_are_positive(report: Path) -> None:
         assert all(seconds >= 0 for seconds in fraction["stages_s"].values())
         assert fraction["total_s"] > 0 and fraction["stages_s"]["network"] > 0
         assert fraction["total_s"] >= sum(fraction["stages_s"].values()) - 0.05  # stages lie inside the total
-        assert fraction["peak_rss_growth_mib"] > 0
+        assert fraction["peak_rss_growth_mib"] > 0 and fraction["peak_rss_mib"] >= fraction["peak_rss_growth_mib"]
         assert all(size > 0 for size in fraction["output_bytes"].values()) and len(fraction["output_bytes"]) == 5
+        assert all(load >= 0 for run in fraction["runs"] for load in run["load_average"])
         assert elastix["stages_s"]["register"] > 0 and elastix["total_s"] > 0 and elastix["crop_voxels"] > 0
         assert elastix["warped_label_voxels"] > 0  # the planning contours came through the warp
         assert row["ratio_registration"] > 0 and row["ratio_fraction"] > 0 and row["elastix_fraction_s"] > 0
+        assert row["ratio_network"] > 0
+        if row["variant"] == "torch-eager":
+            assert fraction["backend"] == "torch" and fraction["refine"]["mode"] == "off"
+            assert fraction["settings"]["max_tile_voxels"] is None and row["ratio_network"] == 1.0
+        else:  # the shipped bundle: its backend, fitted tiles and its refinement with its iteration budget
+            assert fraction["backend"] == document["export"]["cpu"]["backend"]
+            assert fraction["settings"]["max_tile_voxels"] > 0
+            assert fraction["refine"]["mode"] != "off" and fraction["refine"]["budget"] > 0
+            assert fraction["stages_s"]["refine"] > 0
+
+
+def test_cuda_rows_are_reported(speed: ModuleType) -> None:
+    """The GPU rows, as far as a CPU can check them: the amp variant only on CUDA, GPU memory in the table."""
+    assert "amp" in speed._variants("cuda", None) and "amp" not in speed._variants("cpu", None)
+    assert speed._variants("cpu", ["amp", "default"]) == ["default"]
+    assert speed.VARIANTS["amp"]["amp"] is True
+    study = {"scale": 1.0, "daily_size": [8, 8, 8], "daily_voxels": 512, "planning_size": [8, 8, 8], "reused": True}
+    stages = {key: 1.0 for key, _ in speed.STAGES}
+    grid = {"size": [4, 4, 4]}
+
+    def fraction(network: float, gpu: float) -> dict:
+        return {
+            "stages_s": {**stages, "network": network}, "total_s": 20.0, "peak_rss_growth_mib": 100.0,
+            "gpu_peak_mib": gpu, "backend": "torch", "refine": {"mode": "off"}, "model_grid": grid, "runs": [],
+        }  # fmt: skip
+
+    fractions = {"cuda": {"torch-eager": [fraction(4.0, 500.0)], "amp": [fraction(1.0, 250.0)]}}
+    elastix = [{"stages_s": {"register": 30.0, "prep": 0.1, "warp": 0.2}, "total_s": 30.3, "crop_size": [4, 4, 4],
+                "crop_voxels": 64, "peak_rss_growth_mib": 10.0}]  # fmt: skip
+    rows = speed.build_rows([study], fractions, elastix)
+    amp = next(row for row in rows if row["variant"] == "amp")
+    assert amp["ratio_network"] == 4.0 and amp["elastix_fraction_s"] == pytest.approx(20.0 - 4.0 + 30.3)
+    table = speed.markdown(rows, "header")
+    assert "| cuda | amp | torch |" in table and "(GPU 250)" in table
 
 
 def _load_script() -> ModuleType:

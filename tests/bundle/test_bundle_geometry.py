@@ -2,7 +2,8 @@
 
 An oracle network that predicts the phantom's true deformation must give back, on the daily CT's grid, that
 deformation and planning contours that land on the daily contours. This checks the paired preprocessing
-(planning and daily scans on different grids), the spacing/orientation/crop and the DDF restoration together.
+(planning and daily scans on different grids, the rigid pre-alignment on bone), the spacing/orientation/crop and the
+DDF restoration (relative to the aligned planning scan on the model grid, to the planning file on the daily grid).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from prostate_jrs.engines import restore_item
-from prostate_jrs.evaluation import ddf_to_grid
+from prostate_jrs.evaluation import compose_rigid, ddf_to_grid
 from prostate_jrs.metrics import structure_metrics
+from prostate_jrs.preprocessing import DAILY_TO_PLANNING, ras_map
 from prostate_jrs.transforms import JRSPathsd, load_datalist
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
@@ -40,8 +42,13 @@ def test_oracle_ddf_round_trip(tiny_dataset: Path) -> None:
     truth = np.moveaxis(np.asarray(nib.load(item["ddf"]).dataobj, dtype=np.float32), -1, 0)
     reference = np.asarray(nib.load(item["fixed_label"]).dataobj)
 
+    # the network sees the planning scan through the rigid pre-alignment R: the oracle predicts what is left of the
+    # truth after it, R A (x + relative(x)) = A (x + truth(x))
+    daily_to_planning = ras_map(data[DAILY_TO_PLANNING].numpy())
+    assert not np.allclose(daily_to_planning, np.eye(4), atol=0.5)  # the phantom's setup motion was found
+    relative = compose_rigid(truth, daily.affine, np.linalg.inv(daily_to_planning))
     pred = torch.zeros(8, *model_shape)
-    pred[:3] = torch.as_tensor(ddf_to_grid(truth, daily.affine, model_affine, model_shape))
+    pred[:3] = torch.as_tensor(ddf_to_grid(relative, daily.affine, model_affine, model_shape))
     pred[3] = 1.0
 
     # on the model grid, the warped planning contours (Warp) match the daily contours resampled there

@@ -1,8 +1,10 @@
-"""train -> evaluate -> infer through MONAI's ConfigWorkflow, as the model zoo's CI runs bundles."""
+"""train -> evaluate -> infer through MONAI's ConfigWorkflow, as the model zoo's CI runs bundles, on a phantom
+dataset and on one written by ``prostate-jrs import`` from a DICOM archive."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +72,27 @@ def test_evaluate_writes_tables(trained: dict[str, Any], tmp_path: Path) -> None
         rows = list(csv.DictReader(handle))
     assert {r["path"] for r in rows} == {"reg", "seg", "final"}
     assert {r["structure"] for r in rows} == {"prostate", "seminal_vesicles", "rectum", "bladder"}
-    assert len({r["case"] for r in rows}) == 2 and len(rows) == 2 * 3 * 4
+    # the bundle refines by default: the network's rows (refine=off) and the refined rows side by side
+    assert {r["refine"] for r in rows} == {"off", "fast"}
+    assert len({r["case"] for r in rows}) == 2 and len(rows) == 2 * 2 * 3 * 4
     for row in rows:
         assert 0.0 <= float(row["dsc"]) <= 1.0
+    seg = {r["refine"]: r["dsc"] for r in rows if r["path"] == "seg" and r["case"] == rows[0]["case"]}
+    assert seg["off"] == seg["fast"]  # refinement leaves the segmentation path alone
     with (out / "metrics_summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
-    assert {"mean", "sd", "median", "n"} <= set(summary[0])
+    assert {"mean", "sd", "median", "n", "refine"} <= set(summary[0])
     assert any(r["path"] == "ddf" and r["metric"] == "folding_fraction" for r in summary)
     assert (out / "montage.png").stat().st_size > 1000
     with (out / "ddf_quality.csv").open() as handle:
         quality = list(csv.DictReader(handle))
     # the phantom pairs carry their true DDF: the error of the predicted one is measured in the body
-    assert len(quality) == 2
+    assert len(quality) == 2 * 2
     assert all(0.0 < float(r["ddf_error_mean_mm"]) <= float(r["ddf_error_p95_mm"]) for r in quality)
+    error = {
+        r["refine"]: sum(float(q["ddf_error_mean_mm"]) for q in quality if q["refine"] == r["refine"]) for r in quality
+    }
+    assert error["fast"] < error["off"]  # refinement recovers the known deformation better than the tiny network
 
 
 def test_evaluate_also_passes_train_properties(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -107,3 +117,48 @@ def test_infer_writes_outputs_on_daily_grid(trained: dict[str, Any], tiny_datase
         assert image.shape[:3] == daily.shape and image.get_data_dtype() == dtype
     labels = np.asarray(nib.load(out / "JRS003_f01_ct" / "JRS003_f01_ct_labels.nii.gz").dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 3, 4} and (labels > 0).any()
+    refine = json.loads((out / "JRS003_f01_ct" / "JRS003_f01_ct_qa.json").read_text())["refine"]
+    assert refine["mode"] == "fast" and refine["similarity_after"] < refine["similarity_before"]
+
+
+def test_infer_without_refinement(trained: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    override = {**trained, "output_dir": str(out), "ckpt_path": str(Path(trained["ckpt_dir"]) / "model.pt")}
+    override.update({"infer_lists": ["test"], "refine#mode": "off"})
+    _check_and_run(_workflow(str(CONFIGS / "inference.json"), "infer", **override))
+    assert json.loads((out / "JRS003_f01_ct" / "JRS003_f01_ct_qa.json").read_text())["refine"] == {"mode": "off"}
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_infer_on_an_imported_dataset(
+    imported_archive: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    datalist = json.loads((imported_archive / "datalist.json").read_text())
+    override = {
+        **tiny,
+        "dataset_dir": str(imported_archive),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "train"),
+    }
+    _check_and_run(_workflow(str(CONFIGS / "train.json"), "train", **override))
+    assert (tmp_path / "models" / "model.pt").is_file()  # by the validation on the imported validation list
+
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    _check_and_run(_workflow(files, "eval", **{**override, "output_dir": str(tmp_path / "eval")}))
+    with (tmp_path / "eval" / "metrics_per_case.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    test_cases = {Path(item["fixed_image"]).name[: -len(".nii.gz")] for item in datalist["test"]}
+    assert {r["case"] for r in rows} == test_cases and len(rows) == len(test_cases) * 3 * 4 * 2  # refine off and fast
+    assert {r["patient"] for r in rows} == {item["patient"] for item in datalist["test"]}  # pseudonyms
+
+    # the daily scan without approved contours: the inference-only list
+    out = tmp_path / "out"
+    override = {**override, "output_dir": str(out), "ckpt_path": str(tmp_path / "models" / "model.pt")}
+    _check_and_run(_workflow(str(CONFIGS / "inference.json"), "infer", **override, infer_lists=["inference"]))
+    (item,) = datalist["inference"]
+    name = Path(item["fixed_image"]).name[: -len(".nii.gz")]
+    assert name in {p.name for p in out.iterdir()}
+    daily = nib.load(imported_archive / item["fixed_image"])
+    labels = nib.load(out / name / f"{name}_labels.nii.gz")
+    np.testing.assert_allclose(labels.affine, daily.affine, atol=1e-5)
+    assert labels.shape == daily.shape

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_edits import cut_inside
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, RTStructureSetStorage
@@ -17,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, RT
 from prostate_jrs.dicom.common import PatientInfo, StudyInfo, make_uid
 from prostate_jrs.dicom.ct_reader import read_ct_series
 from prostate_jrs.dicom.ct_series import CTSeriesInfo, write_ct_series
-from prostate_jrs.dicom.discovery import DicomSelectionError, scan_folder, select_session
+from prostate_jrs.dicom.discovery import DicomSelectionError, check_one_patient, scan_folder, select_session
 from prostate_jrs.dicom.rtstruct_reader import RTStructError, read_rtstruct
 from prostate_jrs.labels import SynonymTable
 
@@ -298,13 +299,6 @@ def test_real_mim_files(tmp_path: Path, phantom: PhantomMaker) -> None:
         read_rtstruct(session.planning_rtstruct.path, planning, clinic)
 
 
-def _cut_inside(path: Path, keyword: str) -> None:
-    """Truncate ``path`` in the middle of the value of ``keyword`` (elements before it stay intact)."""
-    element = pydicom.dcmread(path, stop_before_pixels=True).get_item(pydicom.datadict.tag_for_keyword(keyword))
-    data = path.read_bytes()
-    path.write_bytes(data[: element.value_tell + element.length // 2])
-
-
 def test_planning_series_must_be_a_ct_volume(hospital_folder: Path, tmp_path: Path, phantom: PhantomMaker) -> None:
     folder = _copy(hospital_folder, tmp_path)
     for path in (folder / "plan" / "ct").iterdir():
@@ -354,7 +348,7 @@ def test_damaged_file_of_the_session_is_refused_by_name(hospital_folder: Path, t
     # cut after its Series Instance UID: the file is placed in the daily series, which would miss a slice
     folder = _copy(hospital_folder, tmp_path)
     slice_file = sorted((folder / "daily" / "b").iterdir())[5]
-    _cut_inside(slice_file, "FrameOfReferenceUID")
+    cut_inside(slice_file, "FrameOfReferenceUID")
     with pytest.raises(
         DicomSelectionError,
         match=rf"{slice_file.name} \(element \(0020,0052\) declares .*: cannot be read, and it is a file of the daily "
@@ -366,7 +360,7 @@ def test_damaged_file_of_the_session_is_refused_by_name(hospital_folder: Path, t
     # every file of the latest daily CT damaged: the earlier one must not be taken in its place unnoticed
     folder = _copy(hospital_folder, tmp_path / "all")
     for path in (folder / "daily" / "b").iterdir():
-        _cut_inside(path, "FrameOfReferenceUID")
+        cut_inside(path, "FrameOfReferenceUID")
     with pytest.raises(DicomSelectionError, match=f"CT series {_series_uid('daily-late')}, of which no file can be"):
         select_session(folder)
 
@@ -379,14 +373,14 @@ def test_damaged_file_of_the_session_is_refused_by_name(hospital_folder: Path, t
     # a planning slice the RTSTRUCT was drawn on, cut before its Series Instance UID: placed by its SOP Instance UID
     folder = _copy(hospital_folder, tmp_path / "3")
     slice_file = sorted((folder / "plan" / "ct").iterdir())[3]
-    _cut_inside(slice_file, "StudyDate")
+    cut_inside(slice_file, "StudyDate")
     with pytest.raises(DicomSelectionError, match="is incomplete") as info:
         select_session(folder)
     assert f"Files that could not be read (the cause?):\n  {slice_file}" in str(info.value)
 
     # the only RTSTRUCT, cut in its references: named beside "no RTSTRUCT found"
     folder = _copy(hospital_folder, tmp_path / "4")
-    _cut_inside(folder / "plan" / "RS.planning.dcm", "ReferencedFrameOfReferenceSequence")
+    cut_inside(folder / "plan" / "RS.planning.dcm", "ReferencedFrameOfReferenceSequence")
     with pytest.raises(DicomSelectionError, match="no RTSTRUCT found") as info:
         select_session(folder)
     assert "RS.planning.dcm" in str(info.value) and "Modality RTSTRUCT" in str(info.value)
@@ -395,7 +389,7 @@ def test_damaged_file_of_the_session_is_refused_by_name(hospital_folder: Path, t
 def test_damaged_file_of_another_patient_is_left_out(hospital_folder: Path, tmp_path: Path) -> None:
     folder = _copy(hospital_folder, tmp_path)
     stray = sorted((folder / "stray").iterdir())[2]
-    _cut_inside(stray, "FrameOfReferenceUID")
+    cut_inside(stray, "FrameOfReferenceUID")
     inventory = scan_folder(folder)
     assert [u.path for u in inventory.unreadable_files] == [stray]
     damaged = inventory.unreadable_files[0]
@@ -407,3 +401,13 @@ def test_damaged_file_of_another_patient_is_left_out(hospital_folder: Path, tmp_
     session = select_session(inventory)
     assert session.daily_ct.series_instance_uid == _series_uid("daily-late")
     assert any(str(stray) in note and "another patient" in note for note in session.notes)
+
+
+def test_check_one_patient_refuses_any_other_patient(hospital_folder: Path, tmp_path: Path) -> None:
+    """Stricter than the selection, which leaves the stray patient out: a folder that must hold one patient does not."""
+    assert select_session(hospital_folder).patient_id == PATIENT.patient_id
+    with pytest.raises(DicomSelectionError, match=r"belong to different patients: PatientID \(0010,0020\)"):
+        check_one_patient(scan_folder(hospital_folder))
+    folder = _copy(hospital_folder, tmp_path)
+    shutil.rmtree(folder / "stray")
+    check_one_patient(scan_folder(folder))  # one patient: planning, RTSTRUCT and two daily CTs

@@ -152,7 +152,8 @@ def test_coarser_grid(
     assert on_daily.shape == ddf.shape
     np.testing.assert_allclose(on_daily[:, ::2, ::2, :], ddf[:, ::2, ::2, :], atol=1e-5)
     assert np.abs(on_daily[:, :-1, :-1, :] - ddf[:, :-1, :-1, :]).max() < 0.1 * np.abs(ddf).max()
-    np.testing.assert_allclose(registration.ddf_on(registration.grid), registration.ddf(), atol=1e-6)
+    # float32 sampling (geometry.resample_to_grid): equal to 1e-5 voxel on its own grid
+    np.testing.assert_allclose(registration.ddf_on(registration.grid), registration.ddf(), atol=1e-5)
 
 
 def test_same_frame_of_reference_without_rigid(

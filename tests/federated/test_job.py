@@ -1,4 +1,5 @@
-"""federated/job.py: the NVFlare SimEnv job end to end (2 sites x 2 rounds, tiny), and the exported job's layout.
+"""federated/job.py: the NVFlare SimEnv job end to end (2 sites x 2 rounds, tiny), and the exported job's layout;
+and one round on two sites whose data came from their DICOM archives through ``prostate-jrs import``.
 
 The simulator runs as a subprocess with the exact command of DESIGN.md, so the test sees what a user sees.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +20,10 @@ from typing import Any
 
 import pytest
 import torch
+from dicom_edits import copy_patients
 from script_loader import load_script
 
+from prostate_jrs.cli import main
 from prostate_jrs.nets import build_network
 from prostate_jrs.phantom import PhantomConfig, write_multisite_dataset
 from prostate_jrs.tiny_bundle import TINY_TRAINING
@@ -171,3 +175,49 @@ def test_cross_site_table_has_a_mean_row() -> None:
     table = {"m.pt": {"site-1": {"dice": 0.5}, "site-2": {"dice": 0.7}}}
     text = job.format_cross_site(table, ["dice"])
     assert "| m.pt | **mean** | 0.600 |" in text
+
+
+def test_each_simulated_site_ran_exactly_the_job_it_would_pin(
+    sim_run: dict[str, Any], site_data: Path, tmp_path: Path
+) -> None:
+    """The job that trained above is, file for file, what a site pins from the exported job (site job policy)."""
+    from prostate_jrs.federated_policy import check_app, job_app_dir, load_policy, pin_app
+
+    argv = [sys.executable, str(JOB), "--env", "sim", "--dataset-root", str(site_data), "--rounds", "2"]
+    argv += ["--local-epochs", "1", "--name", JOB_NAME, *_tiny_args(), "--export", "--export-dir", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for site in ("site-1", "site-2"):
+        policy = tmp_path / site / "prostate_jrs_job_policy.json"
+        pinned = pin_app(job_app_dir(tmp_path / JOB_NAME, site), policy, f"{JOB_NAME} for {site}")
+        ran = sim_run["workspace"] / site / "simulate_job" / f"app_{site}"
+        assert check_app(ran, load_policy(policy)) == pinned
+        assert {"custom/client.py", "custom/configs/train.json", "config/config_fed_client.json"} <= set(pinned.files)
+
+
+@pytest.mark.slow
+def test_sim_job_on_two_imported_archives(synthetic_archive: Path, tmp_path: Path) -> None:
+    """Each hospital runs `prostate-jrs import` on its own archive; the federation trains on what it wrote."""
+    root = tmp_path / "sites"
+    for site, patients in (("site-1", ["JRS001", "JRS002", "JRS003"]), ("site-2", ["JRS004", "JRS005", "JRS006"])):
+        archive = copy_patients(synthetic_archive / "dicom", patients, tmp_path / f"{site}-archive")
+        for later in [*archive.glob("*/Study_FX2"), *archive.glob("*/Study_FX3")]:
+            shutil.rmtree(later)  # one fraction per patient, as in the phantom-site test: a shorter round
+        argv = ["import", str(archive), str(root / site), "--private-dir", str(tmp_path / f"{site}-private")]
+        assert main([*argv, "--no-progress"]) == 0
+        lists = json.loads((root / site / "datalist.json").read_text())
+        assert all(lists[part] for part in ("training", "validation", "test"))
+    workspace = tmp_path / "ws"
+    argv = [sys.executable, str(JOB), "--env", "sim", "--dataset-root", str(root), "--rounds", "1"]
+    argv += ["--local-epochs", "1", "--name", JOB_NAME, "--workspace", str(workspace), *_tiny_args()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    run_dir = workspace / JOB_NAME / "server" / "simulate_job"
+    (record,) = [json.loads(line) for line in (run_dir / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
+    assert {s["name"] for s in record["sites"]} == {"site-1", "site-2"}
+    cross = json.loads((run_dir / "cross_site_val" / "cross_val_results.json").read_text())
+    for site in ("site-1", "site-2"):
+        assert 0.0 <= cross[site]["SRV_FL_global_model.pt"]["val_mean_dice"] <= 1.0
+    final = torch.load(run_dir / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
+    build_network("cross_stitch", WIDTHS).load_state_dict({k: torch.as_tensor(v) for k, v in final.items()})

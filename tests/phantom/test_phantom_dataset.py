@@ -14,6 +14,8 @@ from prostate_jrs.metrics import jacobian_determinant
 from prostate_jrs.phantom import PhantomConfig, generate_patient, write_dataset
 from prostate_jrs.phantom import dataset as dataset_module
 from prostate_jrs.phantom.dataset import patient_seed, split_patients
+from prostate_jrs.phantom.dicom_export import setup_transform
+from prostate_jrs.rigid import RIGID_CONVENTION, RigidAlignment
 
 IMAGE_KEYS = ["fixed_image", "moving_image", "moving_label", "fixed_label"]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -174,3 +176,17 @@ def test_split_sizes() -> None:
     assert len(two["test"]) == 1 and len(two["training"]) == 1
     ten = split_patients([f"P{i}" for i in range(10)], 0)
     assert (len(ten["training"]), len(ten["validation"]), len(ten["test"])) == (6, 2, 2)
+
+
+def test_items_record_the_rigid_alignment_on_bone(dataset_dir: Path) -> None:
+    """Each item's ``rigid`` is what the app would find: the phantom's setup motion of the bone."""
+    assert _datalist(dataset_dir)["rigid_convention"] == RIGID_CONVENTION
+    provenance = json.loads((dataset_dir / "phantom.json").read_text())["patients"]
+    for item in _items(dataset_dir):
+        rigid = RigidAlignment.from_record(item["rigid"])
+        exact = setup_transform(provenance[item["patient"]]["fractions"][item["fraction"] - 1])
+        daily = sitk.ReadImage(str(dataset_dir / item["fixed_image"]))
+        prostate = np.argwhere(array_from_image(sitk.ReadImage(str(dataset_dir / item["fixed_label"]))) == 1)
+        centre = index_to_world(daily) @ np.r_[prostate.mean(axis=0), 1.0]
+        assert np.linalg.norm((rigid.daily_to_planning - exact) @ centre) < 1.5  # mm, at the prostate
+        assert rigid.method == "bone" and rigid.residual < 3.0

@@ -1,10 +1,11 @@
 """Scoring the classical baselines on a datalist pair exactly as the bundle's evaluation scores a network.
 
 A pair of the project's dataset (DESIGN.md: planning CT, planning label map, daily CT, daily label map, NIfTI) is
-registered by ``"identity"`` (the planning contours copied unchanged through the scanners' shared world frame)
-or ``"elastix"`` (:func:`prostate_jrs.baselines.elastix.register_bspline` on the daily CT cropped around the
-planning contours, the same box the network is given, and, like the bundle's network, with no rigid step first: the
-dataset's scans share one world frame), and scored with
+registered by ``"identity"`` (the planning contours copied unchanged through the scanners' shared world frame),
+``"rigid"`` (moved by the rigid pre-alignment on bone only) or ``"elastix"``
+(:func:`prostate_jrs.baselines.elastix.register_bspline` on the daily CT cropped around the planning contours, the
+same box the network is given, starting from the same rigid pre-alignment the network's preprocessing uses: the
+item's ``rigid`` record, else one on bone: :func:`prostate_jrs.rigid.recorded_or_on_bone`), and scored with
 :func:`prostate_jrs.evaluation.case_metrics` on the daily CT's own grid: DSC, MSD and HD95 per structure of the
 registration path, and the DDF's folding inside the crop.
 """
@@ -14,19 +15,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from prostate_jrs.baselines.elastix import ElastixSettings, register_bspline
-from prostate_jrs.evaluation import DailyGridResult, case_metrics
-from prostate_jrs.geometry import array_from_image, index_to_world, resample_with_ddf
+from prostate_jrs.evaluation import DailyGridResult, case_metrics, compose_rigid
+from prostate_jrs.geometry import affine_transform, array_from_image, index_to_world, resample_with_ddf
+from prostate_jrs.preprocessing import RIGID
+from prostate_jrs.rigid import recorded_or_on_bone
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, MOVING_IMAGE, MOVING_LABEL, TRUE_DDF, case_name
 
 __all__ = ["BASELINES", "PairScore", "contour_box", "score_baseline"]
 
 #: Methods :func:`score_baseline` knows.
-BASELINES = ("identity", "elastix")
+BASELINES = ("identity", "rigid", "elastix")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def contour_box(daily: sitk.Image, planning_labels: sitk.Image, margin_mm: float
 
 
 def score_baseline(
-    item: Mapping[str, str],
+    item: Mapping[str, Any],
     method: str,
     margin_mm: float = 70.0,
     settings: ElastixSettings | None = None,
@@ -72,7 +76,7 @@ def score_baseline(
     Args:
         item: datalist item with absolute paths (``fixed_image``, ``moving_image``, ``moving_label``,
             ``fixed_label``; ``patient`` optional).
-        method: ``"identity"`` or ``"elastix"``.
+        method: ``"identity"``, ``"rigid"`` or ``"elastix"``.
         margin_mm: margin of the crop around the planning contours; the bundle's default input box is 70 mm (30 mm
             output margin plus the network's 20-voxel context at 2 mm).
         settings: elastix parameters; defaults to :class:`ElastixSettings`.
@@ -89,18 +93,23 @@ def score_baseline(
     planning_labels = sitk.ReadImage(str(item[MOVING_LABEL]), sitk.sitkUInt8)
     reference = array_from_image(sitk.ReadImage(str(item[FIXED_LABEL]), sitk.sitkUInt8))
     start, size = contour_box(daily, planning_labels, margin_mm)
+    box = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
     fov = np.zeros(daily.GetSize(), dtype=bool)
-    fov[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = True
+    fov[box] = True
     ddf = np.zeros((3, *daily.GetSize()), dtype=np.float32)
     seconds = 0.0
+    rigid = np.eye(4)
+    if method != "identity":
+        planning = sitk.ReadImage(str(item[MOVING_IMAGE]), sitk.sitkFloat32)
+        rigid = recorded_or_on_bone(item.get(RIGID), daily, planning, str(item[FIXED_IMAGE]), RIGID).daily_to_planning
     if method == "elastix":
         crop = sitk.RegionOfInterest(daily, size, start)
-        planning = sitk.ReadImage(str(item[MOVING_IMAGE]), sitk.sitkFloat32)
-        moving = sitk.Resample(planning, crop, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+        moving = sitk.Resample(planning, crop, affine_transform(rigid), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
         result = register_bspline(crop, moving, settings)
         seconds = result.seconds  # without itk's one-off loading of its elastix wrappers (~20 s)
         # the crop shares the daily grid's spacing and axes, so its voxel displacement is the daily grid's
-        ddf[(slice(None), *(slice(s, s + n) for s, n in zip(start, size, strict=True)))] = result.ddf
+        ddf[(slice(None), *box)] = result.ddf
+    ddf = compose_rigid(ddf, index_to_world(daily), rigid)  # relative to the planning file's own coordinates
     reg = resample_with_ddf(planning_labels, daily, ddf, order=0)
     daily_result = DailyGridResult(
         ddf=ddf, reg=reg, seg=np.zeros_like(reg), labels=reg, affine=index_to_world(daily), fov=fov

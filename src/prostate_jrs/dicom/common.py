@@ -356,14 +356,33 @@ def _short_element(ds: Dataset) -> str | None:
     return None
 
 
+def _structure_problem(ds: Dataset) -> str | None:
+    """Parse every element of ``ds`` (recursively); the first element the dictionary makes a sequence that is none.
+
+    A sequence written with another VR (a PACS that lost the VR, a broken writer) parses into a number or bytes; every
+    reader would then fail on it in its own way, so it is named here.
+    """
+    for element in ds.iterall():
+        known = element.VR != "SQ" and pydicom.datadict.dictionary_has_tag(element.tag)
+        if known and pydicom.datadict.dictionary_VR(element.tag) == "SQ":
+            tag = element.tag
+            return (
+                f"element ({tag.group:04X},{tag.element:04X}) {element.keyword} has VR {element.VR}; expected a "
+                "sequence (SQ)"
+            )
+    return None
+
+
 def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
     """:func:`pydicom.dcmread` that refuses a truncated or corrupt file instead of returning the part it parsed.
 
     pydicom stops quietly at the end of a truncated file: the last value comes back short (half the pixel data) or
     the elements after the cut are simply missing, and bytes after a ``DICM`` prefix that are not DICOM at all parse
     into nonsense elements. A CT slice or RTSTRUCT read that way loses pixels, slices or contours without a word, so
-    this checks that every element read is as long as its header declares, that pydicom did not reach the end of the
-    file inside a sequence or an undefined-length value, and that the file meta information names a transfer syntax.
+    this parses every element (pydicom would otherwise convert them lazily, and fail later, wherever they are first
+    used), checks that no sequence was written with another VR, that every element read is as long as its header
+    declares, that pydicom did not reach the end of the file inside a sequence or an undefined-length value, and that
+    the file meta information names a transfer syntax.
     Files cut exactly between two elements pass: callers check that the elements they need are present.
 
     Args:
@@ -387,14 +406,19 @@ def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
             raise
         except Exception as err:  # pydicom raises many types on damaged files (struct.error, ValueError, OSError, ...)
             raise DamagedFileError(path, f"cannot be parsed: {type(err).__name__}: {err}") from err
+        meta = getattr(ds, "file_meta", None)
+        problem = (
+            "no Transfer Syntax UID (0002,0010) in the file meta information"
+            if meta is None or "TransferSyntaxUID" not in meta
+            else _short_element(meta) or _short_element(ds)  # before the elements are converted below
+        )
+        if not problem:
+            try:  # pydicom converts elements lazily: parse them all now, so that a damaged one fails here, not later
+                problem = _structure_problem(ds)
+            except Exception as err:
+                problem = f"cannot be parsed: {type(err).__name__}: {err}"
     eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
-    meta = getattr(ds, "file_meta", None)
-    if eof:
-        problem: str | None = eof[0]
-    elif meta is None or "TransferSyntaxUID" not in meta:
-        problem = "no Transfer Syntax UID (0002,0010) in the file meta information"
-    else:
-        problem = _short_element(meta) or _short_element(ds)
+    problem = eof[0] if eof else problem
     if problem:
         raise DamagedFileError(path, problem, ds)
     for w in caught:  # a complete file: keep pydicom's warnings visible, as without the check

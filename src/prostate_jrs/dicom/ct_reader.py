@@ -14,6 +14,7 @@ or missing slices, slices shifted in-plane (gantry tilt), multi-frame images.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 
@@ -44,6 +46,7 @@ METADATA_KEYS: dict[str, str] = {
 """Meta-data keys the reader sets on the image (SimpleITK's ``group|element`` convention, as its GDCM reader)."""
 
 _COSINE_TOLERANCE = 1e-4
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SPACING_TOLERANCE_MM = 1e-3
 
 
@@ -144,6 +147,71 @@ def _require(ds: Dataset, path: Path, keyword: str) -> object:
     return value
 
 
+def _numbers(ds: Dataset, path: Path, keyword: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of ``keyword`` as float64.
+
+    Raises:
+        CTSeriesError: naming the file and the tag when the element is missing, of another multiplicity, or not
+            numbers (a wrong VR or a garbled value).
+    """
+    value = _require(ds, path, keyword)
+    values = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    try:
+        numbers = np.asarray([float(v) for v in values], dtype=np.float64)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        numbers = np.zeros(0)
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise CTSeriesError(f"{path}: {keyword} {tag_name(keyword)} is {value!r}; expected {count} finite number(s)")
+    return numbers
+
+
+def _uid(ds: Dataset, path: Path, keyword: str) -> str:
+    """One UID (digits and dots, at most 64 characters; leading zeros are let through, as some systems write them).
+
+    Raises:
+        CTSeriesError: naming the file and the tag when it is missing, several values or not a UID.
+    """
+    value = _require(ds, path, keyword)
+    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
+        raise CTSeriesError(f"{path}: {keyword} {tag_name(keyword)} is {value!r}; expected one UID (digits and dots)")
+    return value
+
+
+def _integer(ds: Dataset, path: Path, keyword: str, default: int | None = None) -> int:
+    """A positive integer attribute (``default`` when absent and a default is given).
+
+    Raises:
+        CTSeriesError: naming the file and the tag when it is missing (without default), not an integer or < 1.
+    """
+    value = ds.get(keyword)
+    if value in (None, "") and default is not None:
+        return default
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise CTSeriesError(f"{path}: {keyword} {tag_name(keyword)} is {value!r}; expected a positive integer")
+    return number
+
+
+def _number_or(ds: Dataset, path: Path, keyword: str, default: float) -> float:
+    """One finite number of ``keyword``, ``default`` when the element is absent or empty (see :func:`_numbers`)."""
+    return default if ds.get(keyword) in (None, "") else float(_numbers(ds, path, keyword, 1)[0])
+
+
+def _rescale(ds: Dataset, path: Path) -> tuple[float, float]:
+    """Rescale Slope (1 when absent) and Intercept (0 when absent) of one slice.
+
+    Raises:
+        CTSeriesError: naming the file and the tag when a value is not a finite number or the slope is 0.
+    """
+    slope, intercept = _number_or(ds, path, "RescaleSlope", 1.0), _number_or(ds, path, "RescaleIntercept", 0.0)
+    if slope == 0:
+        raise CTSeriesError(f"{path}: RescaleSlope (0028,1053) is 0; expected the slope from stored values to HU")
+    return slope, intercept
+
+
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored pixel values of one slice, decoded by pydicom, or by SimpleITK (GDCM) when pydicom has no decoder."""
     try:
@@ -153,8 +221,7 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
             # GDCM decodes JPEG, JPEG-LS, JPEG 2000 and RLE without extra Python packages; it applies the rescale,
             # so undo it to keep one code path for the rescale below.
             array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0].astype(np.float64)
-            slope = float(ds.get("RescaleSlope", 1) or 1)
-            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            slope, intercept = _rescale(ds, path)
             return np.rint((array - intercept) / slope)
         except RuntimeError:
             syntax = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
@@ -190,11 +257,17 @@ def read_ct_series(
     datasets = [_read_file(p) for p in paths]
 
     first, first_path = datasets[0], paths[0]
+    for ds, path in zip(datasets, paths, strict=True):  # before any other check: a multi-frame object is named
+        if _integer(ds, path, "NumberOfFrames", default=1) > 1:
+            storage = pydicom.uid.UID(str(ds.get("SOPClassUID", ""))).name or "image"
+            raise CTSeriesError(
+                f"{path}: multi-frame {storage} (NumberOfFrames (0028,0008) {ds.NumberOfFrames}); expected "
+                "single-frame CT Image Storage slices: export the series as such"
+            )
     for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient", "PixelSpacing"):
         _require(first, first_path, keyword)
     for ds, path in zip(datasets, paths, strict=True):
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise CTSeriesError(f"{path}: multi-frame image (NumberOfFrames {ds.NumberOfFrames}); expected one slice")
+        _integer(ds, path, "Rows"), _integer(ds, path, "Columns")
         if expected_modality is not None and ds.get("Modality") != expected_modality:
             raise CTSeriesError(f"{path}: Modality is {ds.get('Modality')!r}; expected {expected_modality!r}")
         for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
@@ -203,16 +276,25 @@ def read_ct_series(
                     f"{path}: {keyword} {ds.get(keyword)!r} differs from {first.get(keyword)!r} in {first_path}; "
                     "all slices of a series must share it"
                 )
-        _require(ds, path, "ImagePositionPatient")
-        _require(ds, path, "SOPInstanceUID")
-        iop = np.asarray([float(v) for v in _require(ds, path, "ImageOrientationPatient")])
-        if np.abs(iop - np.asarray([float(v) for v in first.ImageOrientationPatient])).max() > _COSINE_TOLERANCE:
+        _numbers(ds, path, "ImagePositionPatient", 3)
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+            _uid(ds, path, keyword)
+        sop_class = pydicom.uid.UID(_uid(ds, path, "SOPClassUID"))
+        if expected_modality == "CT" and sop_class != pydicom.uid.CTImageStorage:
+            raise CTSeriesError(
+                f"{path}: SOPClassUID (0008,0016) {sop_class} ({sop_class.name or 'unknown'}); expected CT Image "
+                "Storage"
+            )
+        iop = _numbers(ds, path, "ImageOrientationPatient", 6)
+        if np.abs(iop - _numbers(first, first_path, "ImageOrientationPatient", 6)).max() > _COSINE_TOLERANCE:
             raise CTSeriesError(
                 f"{path}: ImageOrientationPatient {list(iop)} differs from {list(first.ImageOrientationPatient)} "
                 f"in {first_path}; all slices must share one orientation"
             )
-        pixel_spacing = np.asarray([float(v) for v in _require(ds, path, "PixelSpacing")])
-        if np.abs(pixel_spacing - np.asarray([float(v) for v in first.PixelSpacing])).max() > _SPACING_TOLERANCE_MM:
+        pixel_spacing = _numbers(ds, path, "PixelSpacing", 2)
+        if pixel_spacing.min() <= 0:
+            raise CTSeriesError(f"{path}: PixelSpacing (0028,0030) {list(pixel_spacing)}; expected positive spacings")
+        if np.abs(pixel_spacing - _numbers(first, first_path, "PixelSpacing", 2)).max() > _SPACING_TOLERANCE_MM:
             raise CTSeriesError(
                 f"{path}: PixelSpacing {list(pixel_spacing)} differs from {list(first.PixelSpacing)} in {first_path}"
             )
@@ -221,9 +303,9 @@ def read_ct_series(
         normal = slice_normal(first.ImageOrientationPatient)
     except ValueError as err:
         raise CTSeriesError(f"{first_path}: {err}") from err
-    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+    iop = _numbers(first, first_path, "ImageOrientationPatient", 6)
     row_cos, col_cos = iop[:3], iop[3:]
-    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    positions = np.asarray([_numbers(d, p, "ImagePositionPatient", 3) for d, p in zip(datasets, paths, strict=True)])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     datasets = [datasets[i] for i in order]
@@ -233,7 +315,7 @@ def read_ct_series(
     # In-plane offsets must not change from slice to slice: otherwise the stack is sheared (gantry tilt)
     in_plane = positions @ np.stack([row_cos, col_cos], axis=1)
     shift = np.abs(in_plane - in_plane[0]).max(axis=1)
-    pixel_spacing = np.asarray([float(v) for v in first.PixelSpacing])
+    pixel_spacing = _numbers(first, first_path, "PixelSpacing", 2)
     if shift.max() > 0.01 * pixel_spacing.min() + _SPACING_TOLERANCE_MM:
         bad = int(np.argmax(shift))
         tilt = first.get("GantryDetectorTilt")
@@ -265,7 +347,10 @@ def read_ct_series(
             )
         step = float((along[-1] - along[0]) / (len(along) - 1))
     else:
-        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        keyword = "SpacingBetweenSlices" if first.get("SpacingBetweenSlices") not in (None, "") else "SliceThickness"
+        step = _number_or(first, first_path, keyword, 1.0)
+        if step <= 0:
+            raise CTSeriesError(f"{first_path}: {keyword} {tag_name(keyword)} {step}; expected a positive spacing")
         notes.append(f"{paths[0]}: single-slice series; slice spacing {step} mm taken from the header")
 
     slices = []
@@ -276,8 +361,9 @@ def read_ct_series(
             raise CTSeriesError(
                 f"{path}: pixel array of shape {stored.shape}; expected ({first.Rows}, {first.Columns})"
             )
-        slopes.append(float(ds.get("RescaleSlope", 1) or 1))
-        intercepts.append(float(ds.get("RescaleIntercept", 0) or 0))
+        slope, intercept = _rescale(ds, path)
+        slopes.append(slope)
+        intercepts.append(intercept)
         slices.append(stored)
         del ds.PixelData  # headers are kept for referencing; the pixels live in the image
     stack = np.stack(slices)  # (K, rows, columns) = SimpleITK's (z, y, x) order
@@ -285,7 +371,10 @@ def read_ct_series(
     if len(set(slopes)) > 1 or len(set(intercepts)) > 1:
         notes.append("rescale slope/intercept differ between slices; applied per slice")
     integer_rescale = np.all(slope_arr == np.round(slope_arr)) and np.all(intercept_arr == np.round(intercept_arr))
-    hu = stack.astype(np.float64) * slope_arr[:, None, None] + intercept_arr[:, None, None]
+    # float32 is exact for every integer up to 2**24 and halves the memory of float64 (a 512 x 512 x 300 CT: 315 MB)
+    exact32 = np.abs(slope_arr).max() * 2**16 + np.abs(intercept_arr).max() < 2**24
+    compute = np.float32 if exact32 or not integer_rescale else np.float64
+    hu = stack.astype(compute) * slope_arr[:, None, None].astype(compute) + intercept_arr[:, None, None].astype(compute)
     if integer_rescale and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max:
         volume = hu.astype(np.int16)
     else:

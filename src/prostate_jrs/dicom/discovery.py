@@ -43,6 +43,8 @@ __all__ = [
     "SeriesInfo",
     "StructureSetInfo",
     "UnreadableFile",
+    "check_one_patient",
+    "not_a_volume",
     "scan_folder",
     "select_session",
 ]
@@ -76,6 +78,10 @@ _IMAGE_TAGS = [
     "InstanceCreationTime",
     "ReferencedFrameOfReferenceSequence",
     "StructureSetROISequence",
+    "ApprovalStatus",
+    "ReferencedStructureSetSequence",
+    "RTPlanDate",
+    "RTPlanTime",
 ]
 """Tags read by the scan: everything else (pixels, contour data) is skipped while parsing."""
 
@@ -124,6 +130,9 @@ class SeriesInfo:
         sop_instance_uids: SOP Instance UIDs, in the order of ``files``.
         image_types: distinct Image Type values seen.
         multiframe: whether any instance has more than one frame.
+        referenced_structure_sets: SOP Instance UIDs of the structure sets its instances reference
+            (Referenced Structure Set Sequence of an RTPLAN), in order of appearance.
+        plan_datetime: latest RT Plan Date/Time of its instances (RTPLAN), if any.
     """
 
     series_instance_uid: str
@@ -145,6 +154,8 @@ class SeriesInfo:
     sop_instance_uids: list[str] = field(default_factory=list)
     image_types: set[str] = field(default_factory=set)
     multiframe: bool = False
+    referenced_structure_sets: list[str] = field(default_factory=list)
+    plan_datetime: dt.datetime | None = None
 
     @property
     def datetime(self) -> dt.datetime | None:
@@ -186,6 +197,7 @@ class StructureSetInfo:
         referenced_images: Series Instance UID of each RT Referenced Series -> SOP Instance UIDs of its Contour
             Image Sequence (the images contoured on); empty when the RTSTRUCT references no series.
         roi_names: ROI Names of the Structure Set ROI Sequence.
+        approval_status: Approval Status (300E,0002): ``APPROVED``, ``UNAPPROVED``, ``REJECTED`` or empty when absent.
     """
 
     path: Path
@@ -201,6 +213,7 @@ class StructureSetInfo:
     frame_of_reference_uids: list[str]
     referenced_images: dict[str, list[str]]
     roi_names: list[str]
+    approval_status: str = ""
 
     @property
     def referenced_series_uids(self) -> list[str]:
@@ -365,6 +378,7 @@ def _structure_set_info(ds: Dataset, path: Path) -> StructureSetInfo:
         frame_of_reference_uids=list(dict.fromkeys(frames)),
         referenced_images={uid: list(dict.fromkeys(sops)) for uid, sops in images.items() if uid},
         roi_names=roi_names,
+        approval_status=_text(ds, "ApprovalStatus").upper(),
     )
 
 
@@ -412,6 +426,13 @@ def _add_image(inventory: DicomInventory, ds: Dataset, path: Path) -> None:
     )
     if acquired is not None and (series.acquisition is None or acquired < series.acquisition):
         series.acquisition = acquired
+    for reference in ds.get("ReferencedStructureSetSequence", []):  # an RTPLAN names the contours it was planned on
+        structure_set = _text(reference, "ReferencedSOPInstanceUID")
+        if structure_set and structure_set not in series.referenced_structure_sets:
+            series.referenced_structure_sets.append(structure_set)
+    planned = _datetime(_text(ds, "RTPlanDate"), _text(ds, "RTPlanTime"))
+    if planned is not None and (series.plan_datetime is None or planned > series.plan_datetime):
+        series.plan_datetime = planned
 
 
 def scan_folder(folder: str | os.PathLike[str]) -> DicomInventory:
@@ -642,11 +663,11 @@ def _planning_ct(
             f"{rtstruct.path}: the referenced series {planning.series_instance_uid} has Modality "
             f"{planning.modality!r}; expected a planning CT"
         )
-    not_a_volume = _not_a_volume(planning)
-    if not_a_volume:
+    why_not = not_a_volume(planning)
+    if why_not:
         raise DicomSelectionError(
             f"{rtstruct.path}: the planning CT series {planning.series_instance_uid} ({len(planning.files)} file(s), "
-            f"e.g. {planning.files[0]}) is {not_a_volume}; expected the CT volume the contours were drawn on, with at "
+            f"e.g. {planning.files[0]}) is {why_not}; expected the CT volume the contours were drawn on, with at "
             "least 2 slices"
         )
     if rtstruct.frame_of_reference_uids and planning.frame_of_reference_uid not in rtstruct.frame_of_reference_uids:
@@ -668,12 +689,24 @@ def _planning_ct(
     return planning
 
 
-def _not_a_volume(series: SeriesInfo) -> str:
+def _storage_class(path: Path) -> str:
+    """The name of a file's SOP Class (e.g. "Enhanced CT Image Storage"), for messages."""
+    try:
+        sop_class = read_dicom(path, specific_tags=["SOPClassUID"]).get("SOPClassUID", "")
+    except (pydicom.errors.InvalidDicomError, DamagedFileError):
+        return "image"
+    return pydicom.uid.UID(str(sop_class)).name or "image"
+
+
+def not_a_volume(series: SeriesInfo) -> str:
     """Why ``series`` is no CT volume (a localizer, multi-frame or single-slice series), or ``""``."""
     if series.is_localizer:
         return "a localizer (ImageType LOCALIZER)"
     if series.multiframe:
-        return "a multi-frame image (NumberOfFrames > 1), which this reader does not take"
+        return (
+            f"a multi-frame {_storage_class(series.files[0])} (NumberOfFrames (0028,0008) > 1, e.g. "
+            f"{series.files[0]}), which this reader does not take: export it as single-frame CT Image Storage"
+        )
     if len(series.files) < 2:
         return f"a single slice ({len(series.files)} file)"
     return ""
@@ -702,9 +735,9 @@ def _daily_ct(
                 f"requested daily series {daily_series_uid} is the planning CT the RTSTRUCT {rtstruct.path.name} "
                 "references; expected another CT series"
             )
-        if _not_a_volume(daily):
+        if not_a_volume(daily):
             raise DicomSelectionError(
-                f"requested daily series {daily_series_uid} is {_not_a_volume(daily)}; expected a CT volume"
+                f"requested daily series {daily_series_uid} is {not_a_volume(daily)}; expected a CT volume"
             )
         _check_same_patient(planning, daily, "planning CT", "requested daily CT")
         if daily.frame_of_reference_uid == planning.frame_of_reference_uid:
@@ -732,10 +765,10 @@ def _daily_ct(
             )
             left_out.append(f"series {uid}: in the planning CT's frame of reference (a planning reconstruction?)")
             continue
-        not_a_volume = _not_a_volume(series)
-        if not_a_volume:
-            notes.append(f"left out {series.describe()}: {not_a_volume}, not a CT volume")
-            left_out.append(f"series {uid}: {not_a_volume}, not a CT volume")
+        why_not = not_a_volume(series)
+        if why_not:
+            notes.append(f"left out {series.describe()}: {why_not}, not a CT volume")
+            left_out.append(f"series {uid}: {why_not}, not a CT volume")
             continue
         candidates.append(series)
     if not candidates:
@@ -893,3 +926,22 @@ def select_session(
         notes=notes,
         inventory=inventory,
     )
+
+
+def check_one_patient(inventory: DicomInventory) -> None:
+    """Refuse a folder whose series and structure sets are not all of one patient.
+
+    Stricter than :func:`select_session`, which leaves other patients' series out: a folder that should hold one
+    patient's session (e.g. a job of the DICOM node) must not hold anything of another. Patients compare as in the
+    selection: Patient ID, and Issuer of Patient ID, Birth Date and Name where both sides have them.
+
+    Raises:
+        DicomSelectionError: naming the two series or files and the attribute that differs.
+    """
+    items: list[SeriesInfo | StructureSetInfo] = [*inventory.series.values(), *inventory.structure_sets]
+
+    def kind(item: SeriesInfo | StructureSetInfo) -> str:
+        return f"{item.modality} series" if isinstance(item, SeriesInfo) else "RTSTRUCT"
+
+    for other in items[1:]:
+        _check_same_patient(items[0], other, kind(items[0]), kind(other))

@@ -43,7 +43,6 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import DeformableSpatialRegistrationStorage
-from scipy import ndimage
 
 from prostate_jrs.dicom.common import (
     EquipmentInfo,
@@ -56,13 +55,14 @@ from prostate_jrs.dicom.common import (
     new_derived_instance,
     package_version,
 )
-from prostate_jrs.geometry import identity_grid, index_to_world
+from prostate_jrs.geometry import identity_grid, index_to_world, resample_to_grid
 
 __all__ = [
     "DeformableRegistration",
     "RegistrationOptions",
     "ddf_to_vectors",
     "read_deformable_registration",
+    "registration_grid",
     "vectors_to_ddf",
     "write_deformable_registration",
 ]
@@ -146,12 +146,9 @@ class DeformableRegistration:
         """
         if not np.allclose(self.post_matrix, np.eye(4), atol=_RIGID_TOLERANCE):
             raise ValueError("the Post Deformation Matrix is not the identity; the registration is not a DDF after R")
-        mapping = np.linalg.inv(index_to_world(self.grid)) @ index_to_world(image)
-        index = identity_grid(tuple(image.GetSize()), np.float64)
-        grid_index = np.tensordot(mapping[:3, :3], index, axes=1) + mapping[:3, 3, None, None, None]
-        vectors = np.stack(
-            [ndimage.map_coordinates(c, grid_index, order=1, mode="nearest") for c in self.vectors]
-        ).astype(np.float32)
+        vectors = resample_to_grid(
+            self.vectors, index_to_world(self.grid), index_to_world(image), image.GetSize(), order=1, mode="nearest"
+        )
         return vectors_to_ddf(vectors, image, self.pre_matrix)
 
     def ddf(self) -> np.ndarray:
@@ -204,8 +201,32 @@ def ddf_to_vectors(ddf: np.ndarray, grid: sitk.Image, daily_to_planning: np.ndar
     """
     _check_ddf(ddf, grid)
     rigid = np.eye(4) if daily_to_planning is None else _check_matrix(daily_to_planning, "daily_to_planning")
-    linear = rigid[:3, :3] @ index_to_world(grid)[:3, :3]
-    return np.tensordot(linear, ddf.astype(np.float64), axes=1).astype(np.float32)
+    return _to_vectors(ddf, grid, rigid)
+
+
+def _to_vectors(ddf: np.ndarray, grid: sitk.Image, rigid: np.ndarray) -> np.ndarray:
+    """``R A ddf`` (float32) for a DDF in voxel units of ``grid``; ``ddf`` may be a subsampled view of one on it."""
+    linear = (rigid[:3, :3] @ index_to_world(grid)[:3, :3]).astype(np.float32)
+    return np.tensordot(linear, np.asarray(ddf, dtype=np.float32), axes=1)
+
+
+def registration_grid(daily_image: sitk.Image, grid_step: Sequence[int] = (1, 1, 1)) -> sitk.Image:
+    """The deformation grid written for ``grid_step``: every n-th voxel of the daily grid (geometry only, uint8).
+
+    A DDF restored straight onto this grid (:meth:`prostate_jrs.pipeline.PipelineResult.ddf_on`) is what
+    :func:`write_deformable_registration` writes, without a DDF on the full daily grid first.
+
+    Raises:
+        ValueError: if ``grid_step`` is not three positive integers.
+    """
+    if len(grid_step) != 3 or any(int(n) < 1 for n in grid_step):
+        raise ValueError(f"grid_step must be three positive integers, got {tuple(grid_step)}")
+    step = [int(n) for n in grid_step]
+    grid = sitk.Image([-(-int(n) // s) for n, s in zip(daily_image.GetSize(), step, strict=True)], sitk.sitkUInt8)
+    grid.SetSpacing([float(v) * s for v, s in zip(daily_image.GetSpacing(), step, strict=True)])
+    grid.SetOrigin(daily_image.GetOrigin())
+    grid.SetDirection(daily_image.GetDirection())
+    return grid
 
 
 def vectors_to_ddf(vectors: np.ndarray, grid: sitk.Image, daily_to_planning: np.ndarray | None = None) -> np.ndarray:
@@ -272,7 +293,8 @@ def write_deformable_registration(
     source. See the module docstring for what the stored matrices and vectors mean.
 
     Args:
-        ddf: ``(3, I, J, K)`` DDF on the daily grid in voxel units of that grid (geometry.py convention).
+        ddf: ``(3, I, J, K)`` DDF on the daily grid in voxel units of that grid (geometry.py convention), or already on
+            ``registration_grid(daily_image, grid_step)`` in voxel units of that grid (then written as it is).
         daily_image: the daily CT (or any image on its grid) that defines the DDF's grid.
         daily_series: the daily CT images as read from disk; ``daily_image`` must lie on their grid.
         planning_series: the planning CT images as read from disk (the source of the registration).
@@ -294,7 +316,9 @@ def write_deformable_registration(
             series belong to different patients, or a matrix is missing or malformed.
     """
     options = options or RegistrationOptions()
-    _check_ddf(ddf, daily_image)
+    coarse = registration_grid(daily_image, grid_step)
+    on_coarse = tuple(np.shape(ddf)) == (3, *coarse.GetSize()) and coarse.GetSize() != daily_image.GetSize()
+    _check_ddf(ddf, coarse if on_coarse else daily_image)
     daily_slices = match_slices(daily_series, daily_image, what="DDF grid")
     if not planning_series:
         raise ValueError("planning_series is empty; expected the planning CT images (the registration's source)")
@@ -315,11 +339,13 @@ def write_deformable_registration(
             "pre-alignment) instead of assuming the identity"
         )
     rigid = np.eye(4) if daily_to_planning is None else _check_matrix(daily_to_planning, "daily_to_planning")
-    if len(grid_step) != 3 or any(int(n) < 1 for n in grid_step):
-        raise ValueError(f"grid_step must be three positive integers, got {grid_step}")
     step = [int(n) for n in grid_step]
-    vectors = ddf_to_vectors(ddf, daily_image, rigid)[:, :: step[0], :: step[1], :: step[2]]
-    grid = daily_image[:: step[0], :: step[1], :: step[2]] if step != [1, 1, 1] else daily_image
+    # subsample first (or take the DDF restored onto the coarse grid): on a 512 x 512 x 300 grid the whole DDF is GBs
+    if on_coarse:  # in voxel units of the coarse grid
+        vectors = _to_vectors(ddf, coarse, rigid)
+    else:  # in voxel units of the daily grid
+        vectors = _to_vectors(ddf[:, :: step[0], :: step[1], :: step[2]], daily_image, rigid)
+    grid = coarse
     grid, vectors = _right_handed(grid, vectors)
     when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
     direction = np.asarray(grid.GetDirection()).reshape(3, 3)

@@ -15,6 +15,7 @@ contour must lie on the CT's slices; otherwise :class:`RTStructError` is raised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -201,7 +202,10 @@ def _place_contour(contour: Dataset, image: sitk.Image, to_index: np.ndarray, wh
     Raises:
         RTStructError: if the contour data are malformed, not parallel to the slices, or off the slices.
     """
-    flat = _contour_points(contour)
+    try:
+        flat = _contour_points(contour)
+    except (TypeError, ValueError):  # text that is no number (a garbled value, or another VR)
+        raise RTStructError(f"{what}: ContourData (3006,0050) holds text that is no number; expected x, y, z") from None
     if flat.size == 0 or flat.size % 3 or not np.isfinite(flat).all():
         raise RTStructError(f"{what}: ContourData (3006,0050) has {flat.size} values; expected finite x, y, z triplets")
     points = flat.reshape(-1, 3)
@@ -305,8 +309,10 @@ def read_rtstruct(
     size = tuple(int(n) for n in image.GetSize())
     to_index = world_to_index(image)
     observations = {
-        int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "")
-        for o in ds.get("RTROIObservationsSequence", [])
+        _roi_number(o, "ReferencedROINumber", path, f"RTROIObservationsSequence (3006,0080) item {n}"): str(
+            o.get("RTROIInterpretedType", "") or ""
+        )
+        for n, o in enumerate(ds.get("RTROIObservationsSequence", []), start=1)
         if "ReferencedROINumber" in o
     }
     contours_by_roi: dict[int, Dataset] = {}
@@ -323,7 +329,8 @@ def read_rtstruct(
         info.interpreted_type = observations.get(number, "")
         item = contours_by_roi.pop(number, None)
         if item is not None and item.get("ROIDisplayColor"):
-            info.color = tuple(int(c) for c in item.ROIDisplayColor)  # type: ignore[assignment]
+            with contextlib.suppress(TypeError, ValueError):  # a colour that is no three numbers is only left out
+                info.color = tuple(int(c) for c in item.ROIDisplayColor)  # type: ignore[assignment]
         rasterise = all_rois or info.structure is not None or name in wanted
         by_slice: dict[int, list[tuple[float, np.ndarray]]] = {}
         for n, contour in enumerate(item.get("ContourSequence", []) if item is not None else [], start=1):

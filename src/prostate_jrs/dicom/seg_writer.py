@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from prostate_jrs.dicom.common import EquipmentInfo, atomic_write, make_uid, match_slices, package_version
+from prostate_jrs.geometry import label_counts
 from prostate_jrs.labels import STRUCTURES, Structure
 
 __all__ = [
@@ -126,16 +127,22 @@ def write_seg(
     if label_map.GetDimension() != 3 or label_map.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("label_map must be a scalar 3D image of integer labels")
     slices = match_slices(reference_series, label_map)
-    labels = sitk.GetArrayFromImage(label_map)  # (K, J, I) = (frame, row, column), frames in slice order
+    # (K, J, I) = (frame, row, column), frames in slice order; a view: highdicom copies what it keeps
+    labels = sitk.GetArrayViewFromImage(label_map)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"label_map must have an integer pixel type, got {label_map.GetPixelIDTypeAsString()}")
     known = {0} | {s.label for s in STRUCTURES} | {s.label for s in structures}
-    unknown = sorted(set(np.unique(labels).tolist()) - known)
+    values = np.flatnonzero(label_counts(labels)) if labels.dtype == np.uint8 else np.unique(labels)
+    unknown = sorted(set(values.tolist()) - known)
     if unknown:
         raise ValueError(f"label_map has labels {unknown}; expected only {sorted(known)}")
-    segments = np.zeros(labels.shape, dtype=np.uint8)
-    for number, structure in enumerate(structures, start=1):
-        segments[labels == structure.label] = number
+    numbering = {structure.label: number for number, structure in enumerate(structures, start=1)}
+    if labels.dtype == np.uint8 and all(numbering.get(v, 0) == v for v in values.tolist() if v):
+        segments = labels  # segment numbers are the labels already (the default structures): no remapped copy
+    else:
+        segments = np.zeros(labels.shape, dtype=np.uint8)
+        for label, number in numbering.items():
+            segments[labels == label] = number
     equipment = options.equipment
     seg = hd.seg.Segmentation(
         source_images=slices,

@@ -11,6 +11,11 @@ Layout (paths in ``datalist.json`` are relative to the folder)::
     OUT/JRS001_f01_ddf.nii.gz       float32 (I, J, K, 3) on the daily grid, daily voxel units (ddf)
     OUT/JRS001_preview.png          with ``preview=True``
 
+Each item also records ``rigid``, the rigid pre-alignment on bone of its pair
+(:meth:`prostate_jrs.rigid.RigidAlignment.to_record`, found by :func:`prostate_jrs.rigid.align_on_bone` as the app
+and ``prostate-jrs import`` find it; about 0.4 s per pair), so that the bundle's preprocessing
+(:class:`prostate_jrs.transforms.ModelGridd`) gives the network what the app gives it.
+
 The folder appears complete or not at all: everything is written to a hidden sibling folder first and
 renamed at the end.
 """
@@ -29,8 +34,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from prostate_jrs.datasets.splits import split_patients
 from prostate_jrs.geometry import index_to_world
 from prostate_jrs.labels import LABEL_NAMES
+from prostate_jrs.rigid import RIGID_CONVENTION, RigidAlignment, align_on_bone
 
 from .config import PhantomConfig
 from .generate import Patient, generate_patient
@@ -42,31 +49,11 @@ DDF_CONVENTION = (
     "Daily voxel x shows the planning (moving) anatomy at the world point A_daily @ (x + ddf(x)), A_daily being "
     "the daily image's voxel-to-world affine."
 )
-# Split fractions by patient (validation, test); the rest trains.
-_VALIDATION, _TEST = 0.2, 0.2
 
 
 def patient_seed(seed: int, index: int) -> int:
     """Seed of patient ``index`` in a dataset made with ``seed``; adding patients leaves earlier ones unchanged."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
-
-
-def split_patients(patient_ids: list[str], seed: int) -> dict[str, list[str]]:
-    """Split patients (never their fractions) into training / validation / test.
-
-    About 20 % each for validation and test, at least one each from three patients on; with two patients one
-    trains and one tests; one patient only trains. The order is shuffled by ``seed``.
-    """
-    n = len(patient_ids)
-    n_test = 0 if n < 2 else max(1, round(_TEST * n))
-    n_val = 0 if n < 3 else max(1, round(_VALIDATION * n))
-    order = np.random.default_rng([seed, 99]).permutation(n)
-    shuffled = [patient_ids[i] for i in order]
-    return {
-        "test": sorted(shuffled[:n_test]),
-        "validation": sorted(shuffled[n_test : n_test + n_val]),
-        "training": sorted(shuffled[n_test + n_val :]),
-    }
 
 
 def write_ddf(ddf: np.ndarray, reference: sitk.Image, path: str | Path) -> None:
@@ -111,6 +98,7 @@ def _write_patient(patient: Patient, folder: Path) -> list[dict[str, object]]:
         sitk.WriteImage(fraction.image, str(folder / f"{stem}_ct.nii.gz"), useCompression=True)
         sitk.WriteImage(fraction.labels, str(folder / f"{stem}_labels.nii.gz"), useCompression=True)
         write_ddf(fraction.ddf, fraction.image, folder / f"{stem}_ddf.nii.gz")
+        rigid = RigidAlignment.from_result(align_on_bone(fraction.image, patient.planning.image))
         items.append(
             {
                 "fixed_image": f"{stem}_ct.nii.gz",
@@ -120,6 +108,7 @@ def _write_patient(patient: Patient, folder: Path) -> list[dict[str, object]]:
                 "ddf": f"{stem}_ddf.nii.gz",
                 "patient": pid,
                 "fraction": f,
+                "rigid": rigid.to_record(),
             }
         )
     return items
@@ -191,6 +180,7 @@ def write_dataset(
             "modality": {"0": "CT"},
             "labels": {str(k): v for k, v in LABEL_NAMES.items()},
             "ddf_convention": DDF_CONVENTION,
+            "rigid_convention": RIGID_CONVENTION,
         }
         for part in ("training", "validation", "test"):
             datalist[part] = [item for pid in split[part] for item in items[pid]]

@@ -38,6 +38,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -51,9 +52,11 @@ from prostate_jrs.labels import STRUCTURES, Structure
 from .shapes import rotation_matrix
 
 __all__ = [
+    "ARCHIVE_README",
     "PLANNING_ROI_NAMES",
     "SESSIONS_README",
     "SessionRecord",
+    "export_dicom_archive",
     "export_dicom_sessions",
     "setup_transform",
 ]
@@ -65,6 +68,10 @@ PLANNING_ROI_NAMES: dict[str, str] = {
     "bladder": "Bladder",
 }
 """ROI Name written for each canonical structure (as a planning system's template names them)."""
+
+_ROI_STRUCTURES = [
+    Structure(s.label, s.name, PLANNING_ROI_NAMES[s.name], s.color, s.interpreted_type) for s in STRUCTURES
+]
 
 BODY = Structure(label=255, name="body", display_name="BODY", color=(255, 255, 255), interpreted_type="EXTERNAL")
 """The external outline; no canonical structure, so readers report it as unmapped."""
@@ -210,9 +217,9 @@ def _patient_info(pid: str, seed: int) -> PatientInfo:
 
 
 def _write_planning(
-    staging: Path, pid: str, seed: int, patient: PatientInfo, ct: sitk.Image, labels: sitk.Image
+    ct_dir: Path, rs_dir: Path, pid: str, seed: int, patient: PatientInfo, ct: sitk.Image, labels: sitk.Image
 ) -> tuple[list[Path], Path, dict[str, str], dt.date]:
-    """Planning CT series and RTSTRUCT of one patient into ``staging/<pid>_planning`` (copied into each session)."""
+    """Planning CT series (into ``ct_dir``) and RTSTRUCT (into ``rs_dir``) of one patient."""
     rng = np.random.default_rng([seed, 7002])
     day = _FIRST_PLANNING_DAY + dt.timedelta(days=int(rng.integers(0, 120)))
     when = dt.datetime.combine(day, dt.time(8 + int(rng.integers(0, 8)), int(rng.integers(0, 60)), 0))
@@ -234,8 +241,7 @@ def _write_planning(
         series_datetime=when,
         protocol_name="RT Prostate Planning",
     )
-    folder = staging / f".{pid}_planning"
-    ct_files = write_ct_series(ct, folder, patient=patient, study=study, series=series, equipment=PLANNING_SCANNER)
+    ct_files = write_ct_series(ct, ct_dir, patient=patient, study=study, series=series, equipment=PLANNING_SCANNER)
     contoured = dt.datetime.combine(_weekdays_after(day, 2), dt.time(14, 30, 0))
     options = RTStructOptions(
         generation="MANUAL",
@@ -259,12 +265,10 @@ def _write_planning(
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     masks = {s.name: sitk.BinaryThreshold(labels, s.label, s.label, 1, 0) for s in STRUCTURES}
     masks[BODY.name] = _body_mask(ct)
-    structures = [
-        Structure(s.label, s.name, PLANNING_ROI_NAMES[s.name], s.color, s.interpreted_type) for s in STRUCTURES
-    ] + [BODY]
+    structures = [*_ROI_STRUCTURES, BODY]
     with _without_value_validation():
         rs_path = write_rtstruct(
-            masks, _read_headers(ct_files), folder / f"RS.{options.sop_instance_uid}.dcm", structures=structures,
+            masks, _read_headers(ct_files), rs_dir / f"RS.{options.sop_instance_uid}.dcm", structures=structures,
             options=options,
         )  # fmt: skip
     uids = {
@@ -280,8 +284,9 @@ def _write_planning(
 
 def _write_daily(
     folder: Path, pid: str, seed: int, fraction: int, patient: PatientInfo, ct: sitk.Image, plan_day: dt.date
-) -> tuple[dict[str, str], np.ndarray]:
-    """One daily CT series, in its own study and frame of reference, shifted by a table offset."""
+) -> tuple[dict[str, str], np.ndarray, dt.datetime]:
+    """One daily CT series, in its own study and frame of reference, shifted by a table offset; also the offset and
+    the acquisition time."""
     rng = np.random.default_rng([seed, 7003, fraction])
     offset = np.array(
         [*rng.normal(0.0, _TABLE_SHIFT_SD_MM, 2), rng.uniform(-_TABLE_Z_RANGE_MM, _TABLE_Z_RANGE_MM)]
@@ -315,7 +320,30 @@ def _write_daily(
         "daily_frame_of_reference": frame,
         "daily_ct_series": str(series.series_instance_uid),
     }
-    return uids, offset
+    return uids, offset, when
+
+
+def _dataset_items(dataset_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Datalist, per-patient provenance and every item (sorted by patient and fraction) of a synthetic dataset.
+
+    Raises:
+        FileNotFoundError: if ``datalist.json`` or ``phantom.json`` is missing.
+        FileExistsError: if ``dataset_dir/dicom`` exists.
+        ValueError: if the datalist items lack ``patient`` or ``fraction``.
+    """
+    for name in ("datalist.json", "phantom.json"):
+        if not (dataset_dir / name).is_file():
+            raise FileNotFoundError(f"{dataset_dir / name} not found; expected a dataset written by write_dataset")
+    if (dataset_dir / "dicom").exists():
+        raise FileExistsError(f"{dataset_dir / 'dicom'} already exists; the DICOM export writes a new folder")
+    datalist = json.loads((dataset_dir / "datalist.json").read_text())
+    phantom = json.loads((dataset_dir / "phantom.json").read_text())["patients"]
+    items = [item for part in ("training", "validation", "test") for item in datalist.get(part, [])]
+    for item in items:
+        if "patient" not in item or "fraction" not in item:
+            raise ValueError(f"datalist item {item} has no 'patient' or 'fraction'; expected a synthetic dataset")
+    items.sort(key=lambda item: (str(item["patient"]), int(item["fraction"])))
+    return datalist, phantom, items
 
 
 def export_dicom_sessions(
@@ -339,20 +367,8 @@ def export_dicom_sessions(
         ValueError: if the datalist items lack ``patient`` or ``fraction``.
     """
     dataset_dir = Path(dataset_dir)
-    for name in ("datalist.json", "phantom.json"):
-        if not (dataset_dir / name).is_file():
-            raise FileNotFoundError(f"{dataset_dir / name} not found; expected a dataset written by write_dataset")
+    datalist, phantom, items = _dataset_items(dataset_dir)
     out_dir = dataset_dir / "dicom"
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; the DICOM export writes a new folder")
-    datalist = json.loads((dataset_dir / "datalist.json").read_text())
-    phantom = json.loads((dataset_dir / "phantom.json").read_text())["patients"]
-    items = [item for part in ("training", "validation", "test") for item in datalist.get(part, [])]
-    for item in items:
-        if "patient" not in item or "fraction" not in item:
-            raise ValueError(f"datalist item {item} has no 'patient' or 'fraction'; expected a synthetic dataset")
-    items.sort(key=lambda item: (str(item["patient"]), int(item["fraction"])))
-
     staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
     staging.chmod(0o755)
     try:
@@ -365,14 +381,15 @@ def export_dicom_sessions(
             if pid not in planning:
                 ct = sitk.ReadImage(str(dataset_dir / str(item["moving_image"])))
                 labels = sitk.ReadImage(str(dataset_dir / str(item["moving_label"])))
-                planning[pid] = _write_planning(staging, pid, seed, patient, ct, labels)
+                hidden = staging / f".{pid}_planning"  # copied into each session folder
+                planning[pid] = _write_planning(hidden, hidden, pid, seed, patient, ct, labels)
             ct_files, rs_path, plan_uids, plan_day = planning[pid]
             folder = staging / f"{pid}_f{fraction:02d}"
             folder.mkdir()
             for path in [*ct_files, rs_path]:
                 shutil.copyfile(path, folder / path.name)
             daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
-            daily_uids, offset = _write_daily(folder, pid, seed, fraction, patient, daily, plan_day)
+            daily_uids, offset, _ = _write_daily(folder, pid, seed, fraction, patient, daily, plan_day)
             daily_to_dataset = _translation(-offset)
             bone = setup_transform(phantom[pid]["fractions"][fraction - 1]) @ daily_to_dataset
             records.append(
@@ -402,3 +419,200 @@ def export_dicom_sessions(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / "sessions.json"
+
+
+# --------------------------------------------------------------------------------------------------- archive
+
+ARCHIVE_README = (
+    "The folder is a synthetic export of an adaptive-radiotherapy archive, one folder per patient as a planning "
+    "system or PACS writes it (prostate-jrs import takes this folder). 'patients' gives, per patient, the ground "
+    "truth of every fraction: 'item' is its datalist.json item in the dataset folder (fixed_label: the daily "
+    "contours, which the daily RTSTRUCT holds), 'daily_ct_series' the Series Instance UID of its daily CT, "
+    "'daily_rtstruct' whether an approved daily RTSTRUCT was written, 'daily_to_dataset' the map of the daily "
+    "DICOM patient coordinates to the dataset world (the planning series is written in the dataset world). "
+    "'extras' lists what an archive also holds: an RTPLAN per patient, a daily CT without contours, a stray CT "
+    "series of another patient, a duplicate export and a non-DICOM file."
+)
+
+_STRAY_PATIENT = PatientInfo(name="Stray^Series", patient_id="STRAY001", birth_date=dt.date(1950, 6, 1), sex="M")
+
+
+def _write_rtplan(folder: Path, ct_files: list[Path], rs_path: Path, pid: str, seed: int, day: dt.date) -> Path:
+    """A minimal approved RT Plan referencing the planning structure set (what an archive links plan and contours by).
+
+    Hand-written with pydicom: no maintained library writes RT Plans, and the importer needs only the reference.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.uid import RTPlanStorage, RTStructureSetStorage
+
+    from prostate_jrs.dicom.common import add_equipment, atomic_write, dicom_date, dicom_time, new_derived_instance
+
+    uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "planning", "rtplan", *parts)  # noqa: E731
+    when = dt.datetime.combine(_weekdays_after(day, 3), dt.time(11, 0, 0))
+    first = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+    ds = new_derived_instance(
+        RTPlanStorage, "RTPLAN", first, when, sop_instance_uid=uid("sop"), series_instance_uid=uid("series"),
+        series_number=4, series_description="RT Plan Prostate", operators_name="Dosimetrist^Synthetic",
+    )  # fmt: skip
+    add_equipment(ds, PLANNING_SYSTEM)
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ""
+    ds.RTPlanLabel, ds.RTPlanName = "PROSTATE", "Prostate 78 Gy in 39 fractions"
+    ds.RTPlanDate, ds.RTPlanTime = dicom_date(when), dicom_time(when)
+    ds.RTPlanGeometry = "PATIENT"
+    ds.PlanIntent = "CURATIVE"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = RTStructureSetStorage
+    reference.ReferencedSOPInstanceUID = pydicom.dcmread(rs_path, stop_before_pixels=True).SOPInstanceUID
+    ds.ReferencedStructureSetSequence = [reference]
+    group = Dataset()
+    group.FractionGroupNumber = 1
+    group.NumberOfFractionsPlanned = 39
+    group.NumberOfBeams = 0
+    group.NumberOfBrachyApplicationSetups = 0
+    ds.FractionGroupSequence = [group]
+    ds.ApprovalStatus = "APPROVED"
+    ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = dicom_date(when), dicom_time(when), "Oncologist^Synthetic"
+    return atomic_write(ds, folder / f"RP.{ds.SOPInstanceUID}.dcm")
+
+
+def _write_daily_rtstruct(
+    folder: Path, ct_folder: Path, labels: sitk.Image, offset: np.ndarray, pid: str, seed: int, fraction: int,
+    when: dt.datetime,
+) -> Path:  # fmt: skip
+    """The daily contours a clinician approved on the daily CT (written on the daily series' shifted grid)."""
+    uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "daily", fraction, "rtstruct", *parts)  # noqa: E731
+    shifted = sitk.Cast(labels, sitk.sitkUInt8)
+    shifted.SetOrigin(tuple(float(o) for o in np.asarray(labels.GetOrigin()) + offset))
+    options = RTStructOptions(
+        generation="MANUAL", algorithm_name="Synthetic TPS", algorithm_version="1.0",
+        structure_set_label=f"FX{fraction}_ADAPT", structure_set_name=f"Fraction {fraction} approved",
+        series_description=f"RT Structures Fx{fraction}", series_number=2, series_instance_uid=uid("series"),
+        sop_instance_uid=uid("sop"), content_datetime=when + dt.timedelta(minutes=20),
+        operators_name="Therapist^Synthetic", roi_interpreter="Oncologist^Synthetic", approval_status="APPROVED",
+        reviewer_name="Oncologist^Synthetic", equipment=PLANNING_SYSTEM, skip_empty=True, holes="keyhole",
+    )  # fmt: skip
+    headers = _read_headers(sorted(ct_folder.glob("CT.*.dcm")))
+    with _without_value_validation():
+        return write_rtstruct(
+            shifted, headers, folder / f"RS.{options.sop_instance_uid}.dcm", structures=_ROI_STRUCTURES, options=options
+        )
+
+
+def _write_archive_patient(
+    root: Path, dataset_dir: Path, pid: str, seed: int, items: list[dict[str, Any]], info: dict[str, Any],
+    with_last_contours: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One patient's export: planning CT, RTSTRUCT and RTPLAN, and per fraction a daily CT with its RTSTRUCT."""
+    patient = _patient_info(pid, seed)
+    ct = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_image"])))
+    labels = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_label"])))
+    plan = root / pid / "Study_PLAN1"
+    ct_files, rs_path, uids, day = _write_planning(plan / "CT_2", plan / "RTSTRUCT_3", pid, seed, patient, ct, labels)
+    _write_rtplan(plan / "RTPLAN_4", ct_files, rs_path, pid, seed, day)
+    fractions = []
+    for item in items:
+        fraction = int(item["fraction"])
+        study = root / pid / f"Study_FX{fraction}"
+        daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
+        daily_uids, offset, when = _write_daily(study / "CT_1", pid, seed, fraction, patient, daily, day)
+        bone = setup_transform(info["fractions"][fraction - 1])
+        contoured = with_last_contours or item is not items[-1]
+        if contoured:
+            daily_labels = sitk.ReadImage(str(dataset_dir / str(item["fixed_label"])))
+            _write_daily_rtstruct(study / "RTSTRUCT_2", study / "CT_1", daily_labels, offset, pid, seed, fraction, when)
+        fractions.append(
+            {
+                "fraction": fraction,
+                "item": dict(item),
+                "daily_ct_series": daily_uids["daily_ct_series"],
+                "daily_rtstruct": contoured,
+                "daily_to_dataset": _translation(-offset).tolist(),
+                "bone_daily_to_planning": np.round(bone @ _translation(-offset), 9).tolist(),
+            }
+        )
+    return {"planning": uids, "fractions": fractions}
+
+
+def _write_archive_extras(root: Path, stray_ct: sitk.Image, pids: list[str], seed: int) -> dict[str, str]:
+    """What else an archive holds: a stray CT series of another patient, a duplicate export, a non-DICOM file."""
+    host = pids[1 % len(pids)]
+    uid = lambda *parts: make_uid("prostate-jrs synth", seed, "stray", *parts)  # noqa: E731
+    when = dt.datetime.combine(_FIRST_PLANNING_DAY, dt.time(9, 0, 0))
+    study = StudyInfo(study_instance_uid=uid("study"), study_datetime=when, study_id="CT1", description="CT Abdomen")
+    series = CTSeriesInfo(
+        frame_of_reference_uid=uid("frame"), series_description="Abdomen 5mm", series_number=7,
+        series_instance_uid=uid("series"), series_datetime=when,
+    )  # fmt: skip
+    stray_folder = root / host / "Study_FX1" / "CT_7"
+    write_ct_series(stray_ct, stray_folder, patient=_STRAY_PATIENT, study=study, series=series)
+    duplicate = root / pids[0] / "second_export" / "CT_1"
+    shutil.copytree(root / pids[0] / "Study_FX1" / "CT_1", duplicate)
+    (root / "export_log.txt").write_text("Export from Synthetic TPS 1.0: every patient of the adaptive programme.\n")
+    return {
+        "stray_series": f"{stray_folder.relative_to(root)} (PatientID {_STRAY_PATIENT.patient_id})",
+        "duplicate_export": str(duplicate.relative_to(root)),
+        "non_dicom": "export_log.txt",
+    }
+
+
+def export_dicom_archive(
+    dataset_dir: str | os.PathLike[str],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``dataset_dir/dicom/`` as a hospital's archive export of the synthetic dataset, and ``archive.json``.
+
+    Layout (what ``prostate-jrs import dataset_dir/dicom OUT`` reads)::
+
+        dicom/JRS001/Study_PLAN1/CT_2/CT.<uid>.dcm       planning CT (dataset world = its DICOM coordinates)
+        dicom/JRS001/Study_PLAN1/RTSTRUCT_3/RS.<uid>.dcm planning contours (MANUAL, APPROVED) + BODY
+        dicom/JRS001/Study_PLAN1/RTPLAN_4/RP.<uid>.dcm   RT Plan referencing that structure set
+        dicom/JRS001/Study_FX1/CT_1/CT.<uid>.dcm         daily CT (own study and frame of reference, table offset)
+        dicom/JRS001/Study_FX1/RTSTRUCT_2/RS.<uid>.dcm   the approved daily contours (the phantom's daily truth)
+        dicom/JRS001/second_export/CT_1/...              a duplicate export of JRS001's first daily CT
+        dicom/JRS002/Study_FX1/CT_7/...                  a stray CT series of another patient (STRAY001)
+        dicom/export_log.txt                             a non-DICOM file
+        dicom/archive.json                               ground truth links (not DICOM; :data:`ARCHIVE_README`)
+
+    The last fraction of the last patient has no daily RTSTRUCT (a daily scan without contours). Files are
+    deterministic from the dataset's seeds, as :func:`export_dicom_sessions` writes them.
+
+    Args:
+        dataset_dir: a folder written by :func:`prostate_jrs.phantom.write_dataset`.
+        progress: called with a short message after each patient.
+
+    Returns:
+        Path of ``dataset_dir/dicom/archive.json``.
+
+    Raises:
+        FileNotFoundError: if ``datalist.json`` or ``phantom.json`` is missing.
+        FileExistsError: if ``dataset_dir/dicom`` exists.
+        ValueError: if the datalist items lack ``patient`` or ``fraction``.
+    """
+    dataset_dir = Path(dataset_dir)
+    datalist, phantom, items = _dataset_items(dataset_dir)
+    out_dir = dataset_dir / "dicom"
+    pids = sorted({str(item["patient"]) for item in items})
+    staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
+    staging.chmod(0o755)
+    try:
+        patients = {}
+        for pid in pids:
+            mine = [item for item in items if str(item["patient"]) == pid]
+            seed = int(phantom[pid]["seed"])
+            patients[pid] = _write_archive_patient(
+                staging, dataset_dir, pid, seed, mine, phantom[pid], with_last_contours=pid != pids[-1]
+            )
+            if progress is not None:
+                progress(f"dicom/{pid}: planning CT + RTSTRUCT + RTPLAN + {len(mine)} daily CT(s) written")
+        stray_ct = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_image"])))
+        extras = _write_archive_extras(staging, stray_ct, pids, int(datalist.get("seed") or 0))
+        extras["without_contours"] = f"{pids[-1]} fraction {patients[pids[-1]]['fractions'][-1]['fraction']}"
+        manifest = {"readme": ARCHIVE_README, "seed": datalist.get("seed"), "patients": patients, "extras": extras}
+        (staging / "archive.json").write_text(json.dumps(manifest, indent=1))
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / "archive.json"
