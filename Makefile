@@ -14,7 +14,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	# torch first and pinned: otherwise pip resolves monai to a multi-GB CUDA build (shared/docs/STACK.md)
+	# torch first and pinned: otherwise pip resolves monai to a multi-GB CUDA build
+	# (docs/ARCHITECTURE.md, "Torch first and pinned")
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]" torch==2.13.0
 	touch $(STAMP)

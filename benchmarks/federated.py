@@ -1,7 +1,8 @@
 """Federated (2 sites, FedAvg) against centralised training on the pooled data, for the same training budget.
 
-METHOD.md 7.2: the published network lost accuracy on a second institute's scans. This study asks what
-federated training costs against pooling both institutes' data in one place (which hospitals usually cannot do):
+The published network lost accuracy on a second institute's scans (docs/ARCHITECTURE.md, "A second
+institute"). This study asks what federated training costs against pooling both institutes' data in one place
+(which hospitals usually cannot do):
 
 * data: ``prostate-jrs synth --sites 2`` (institute-a, institute-b profiles), or ``--dataset-root R``;
 * federated: ``federated/job.py --env sim`` with ``--rounds K --local-epochs E`` (each site trains K x E epochs

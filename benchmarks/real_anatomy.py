@@ -193,16 +193,19 @@ def evaluate(
 def _table(methods: dict[str, Any]) -> str:
     lines = [
         "| method | crop mean mm | crop p95 mm | organs mean mm | organs p95 mm | body mean mm | body p95 mm "
-        "| det J <= 0 (crop) | runtime s | CPU s | registration CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| det J <= 0 (crop) | runtime s | CPU s | registration s | registration CPU s | x elastix |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rigid_seconds = methods["rigid only"]["seconds"]
+    wall = {name: _registration(name, methods[name], rigid_seconds)[0] for name in METHODS}
     for name in METHODS:
         row = methods[name]
+        cpu = _registration(name, row, rigid_seconds)[1]
         lines.append(
             f"| {name} | {row['crop']['mean']:.2f} | {row['crop']['p95']:.2f} | {row['organs']['mean']:.2f} | "
             f"{row['organs']['p95']:.2f} | {row['body']['mean']:.2f} | {row['body']['p95']:.2f} | "
             f"{row['folding_fraction']:.4%} | {row['seconds']:.1f} | {_cell(row.get('cpu_seconds'))} | "
-            f"{_cell(_registration_cpu(name, row))} |"
+            f"{_cell(wall[name])} | {_cell(cpu)} | {_ratio(wall['elastix'], wall[name])} |"
         )
     return "\n".join(lines)
 
@@ -211,12 +214,19 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
-def _registration_cpu(name: str, row: dict[str, Any]) -> float | None:
-    """CPU seconds of the deformable registration alone: the refinement, or elastix's resampling and registration."""
+def _ratio(baseline: float | None, value: float | None) -> str:
+    return "" if baseline is None or not value else f"{baseline / value:.1f}"
+
+
+def _registration(name: str, row: dict[str, Any], rigid_seconds: float) -> tuple[float | None, float | None]:
+    """Wall and CPU seconds of the deformable registration alone: the refinement, or elastix's resampling and
+    registration (its row's runtime less the shared rigid stage)."""
     if name == "elastix":
-        return row.get("cpu_seconds")
+        return row["seconds"] - rigid_seconds, row.get("cpu_seconds")
     refine = row.get("refine", {})
-    return refine.get("cpu_seconds") if refine.get("mode", "off") != "off" else None
+    if refine.get("mode", "off") == "off":
+        return None, None
+    return refine.get("seconds"), refine.get("cpu_seconds")
 
 
 def _markdown(report: dict[str, Any], table: str) -> str:
@@ -246,8 +256,9 @@ def _markdown(report: dict[str, Any], table: str) -> str:
             "- Runtime: rigid = the pipeline's rigid stage; network and refine rows = the whole pipeline (read, "
             "rigid, network, refinement, restore, QA); elastix = rigid + resampling + registration "
             f"({report['threads']} thread(s), device {report['device']}); CPU s: the process's CPU time over all "
-            "threads (steadier than wall time on a shared machine); registration CPU s: the refinement alone, or "
-            "elastix's resampling and registration. Refinement: the bundle's modes "
+            "threads (steadier than wall time on a shared machine); registration s and registration CPU s: wall and "
+            "CPU time of the refinement alone, or of elastix's resampling and registration; x elastix: elastix's "
+            "registration s over the row's. Refinement: the bundle's modes "
             "(`prostate_jrs.refine.REFINE_MODES`), which start from the rigid alignment (zero DDF); the last rows "
             "start from the network's DDF, or from whichever of both has the lower loss after the coarsest level.",
             "",

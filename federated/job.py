@@ -1,6 +1,6 @@
 """Federated training of the prostate-jrs bundle: NVFlare FedAvg recipe over the bundle's network.
 
-Usage (DESIGN.md "Command-line contract")::
+Usage (docs/ARCHITECTURE.md, "Command-line contract")::
 
     python federated/job.py --env sim --dataset-root R --rounds K [--local-epochs E] [--privacy percentile]
     python federated/job.py --env poc --dataset-root R --rounds K

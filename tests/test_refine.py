@@ -15,6 +15,7 @@ from prostate_jrs.nets.warp import labels_to_onehot, warp_patch
 from prostate_jrs.refine import (
     REFINE_MODES,
     RefineSettings,
+    _folding,
     mind_ssc,
     refine_ddf,
     refine_prediction,
@@ -56,13 +57,16 @@ def _texture(shape: tuple[int, ...], seed: int, sigma: float = 1.5) -> torch.Ten
 def _smooth_field(amplitude: float, phase: float = 0.0) -> torch.Tensor:
     """A smooth, folding-free displacement (1, 3, *SIZE) in voxels."""
     axes = torch.meshgrid(*(torch.linspace(0, math.pi, n) for n in SIZE), indexing="ij")
-    return amplitude * torch.stack(
-        [
-            torch.sin(axes[1] + phase) * torch.sin(axes[2]),
-            torch.sin(axes[0]) * torch.cos(axes[2] + phase),
-            torch.sin(axes[0] + axes[1] + phase) * 0.5,
-        ]
-    )[None]
+    return (
+        amplitude
+        * torch.stack(
+            [
+                torch.sin(axes[1] + phase) * torch.sin(axes[2]),
+                torch.sin(axes[0]) * torch.cos(axes[2] + phase),
+                torch.sin(axes[0] + axes[1] + phase) * 0.5,
+            ]
+        )[None]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,34 @@ def test_recovers_a_known_field_from_zero(pair: dict[str, torch.Tensor], similar
     assert report.similarity_after < report.similarity_before
     before, after = _error(start, pair["truth"]), _error(ddf, pair["truth"])
     assert after < 0.35 * before, (similarity, before, after)
+
+
+@pytest.mark.parametrize("similarity", ["ssd", "mind"])
+def test_sampled_finest_level_recovers_the_field_and_runs_its_budget(
+    pair: dict[str, torch.Tensor], similarity: str
+) -> None:
+    settings = replace(SETTINGS, similarity=similarity, sampling_stride=(1, 2))
+    start = torch.zeros_like(pair["truth"])
+    ddf, report = refine_ddf(pair["fixed"], pair["moving"], start, settings)
+    assert ddf.shape == pair["truth"].shape
+    assert report.iterations[-1] == settings.iterations[-1]  # a noisy loss does not stop a sampled level early
+    assert _error(ddf, pair["truth"]) < 0.35 * _error(start, pair["truth"]), similarity
+    again, _ = refine_ddf(pair["fixed"], pair["moving"], start, settings)
+    torch.testing.assert_close(again, ddf)  # the lattices are drawn from a fixed seed
+
+
+def test_folding_penalty_of_an_affine_field() -> None:
+    """det J of ``x -> x + A x`` is det(I + A) at every voxel; the penalty is ``(min - det)^2`` below ``min``."""
+    matrix = torch.tensor([[-0.7, 0.1, 0.0], [0.0, -0.2, 0.3], [0.1, 0.0, 0.0]], dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (5, 6, 7)), indexing="ij"))
+    ddf = torch.einsum("ck,kxyz->cxyz", matrix, grid)[None].requires_grad_(True)
+    det = float(torch.linalg.det(torch.eye(3, dtype=torch.float64) + matrix))
+    assert 0 < det < 0.4
+    penalty = _folding(ddf, 0.4)
+    assert float(penalty) == pytest.approx((0.4 - det) ** 2, rel=1e-9)
+    assert float(_folding(ddf, det - 0.01)) == 0.0
+    (gradient,) = torch.autograd.grad(penalty, ddf)
+    assert bool(gradient.abs().sum() > 0)
 
 
 def test_diffeomorphic_residual_recovers_the_field_without_folding(pair: dict[str, torch.Tensor]) -> None:
@@ -173,6 +205,12 @@ def test_settings_by_name_and_bad_values() -> None:
         RefineSettings(similarity="mi")
     with pytest.raises(ValueError, match="guidance_structures"):
         RefineSettings(guidance_structures=("liver",))
+    with pytest.raises(ValueError, match="one value >= 1 per level"):
+        RefineSettings(levels=(4, 2), control_spacing=(8, 4), iterations=(1, 1), sampling_stride=(2,))
+    with pytest.raises(ValueError, match="needs similarity"):
+        RefineSettings(similarity="lncc", sampling_stride=(1, 2))
+    sampled = refine_settings("fast", {"sampling_stride": [1, 2]})
+    assert sampled is not None and sampled.sampling_stride == (1, 2)
 
 
 def test_rejects_inputs_that_do_not_fit(pair: dict[str, torch.Tensor]) -> None:

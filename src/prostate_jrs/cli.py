@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prostate_jrs.errors import ProstateJRSError
+
 if TYPE_CHECKING:
     from prostate_jrs.phantom import PhantomConfig
 
@@ -492,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ProstateJRSError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"prostate-jrs {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -39,17 +39,16 @@ from prostate_jrs import output_folder
 from prostate_jrs.adaptation.patient_bundle import check_bundle_patient, model_summary
 from prostate_jrs.backends import resolve_backend
 from prostate_jrs.dicom.common import package_version
-from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTSeriesError, CTVolume, read_ct_series
-from prostate_jrs.dicom.discovery import AdaptiveSession, DicomSelectionError, select_session
+from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
+from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
 from prostate_jrs.dicom.registration import RegistrationOptions, registration_grid, write_deformable_registration
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.seg_writer import SegOptions, write_seg
+from prostate_jrs.errors import ProstateJRSError
 from prostate_jrs.labels import STRUCTURES, SynonymTable
-from prostate_jrs.output_folder import OutputFolderBusyError, discard, new_staging
+from prostate_jrs.output_folder import discard, new_staging
 from prostate_jrs.pipeline import (
-    BundleError,
-    PipelineError,
     PipelineResult,
     PipelineSettings,
     load_bundle,
@@ -86,15 +85,7 @@ OUTPUT_FILES: dict[str, str] = {
 
 #: Errors a user can act on (input missing, ambiguous, of two patients or not fitting; a bundle that does not fit;
 #: an output folder another run is writing): front ends print their message, without a traceback.
-SESSION_ERRORS: tuple[type[Exception], ...] = (
-    DicomSelectionError,
-    CTSeriesError,
-    RTStructError,
-    PipelineError,
-    BundleError,
-    OutputFolderBusyError,
-    FileNotFoundError,
-)
+SESSION_ERRORS: tuple[type[Exception], ...] = (ProstateJRSError, FileNotFoundError)
 
 _AXIAL_TOLERANCE_DEG = 0.1  # slice normal vs the patient's z axis: more is a gantry tilt or a non-axial plane
 _DDF_GRID_MM = 4.0  # in-plane spacing of the stored deformation grid: ~18 MB instead of ~280 MB at 512 x 512

@@ -12,7 +12,8 @@ JRS network and loss into those three slots:
 
 Evaluation and inference restore each case to the daily CT's own grid
 (:func:`prostate_jrs.evaluation.restore_to_daily_grid`): :class:`EvaluationWriter` writes per-case and summary
-CSVs and a PNG montage, :class:`InferenceWriter` the label map, DDF and segmentation files of DESIGN.md.
+CSVs and a PNG montage, :class:`InferenceWriter` the label map, DDF and segmentation files of the command-line
+contract (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -462,9 +463,10 @@ class InferenceWriter:
     """Writes ``O/NAME/NAME_labels.nii.gz``, ``NAME_ddf.nii.gz`` and ``NAME_seg.nii.gz`` on the daily image's grid.
 
     ``labels``: final contours (uint8, 0..4); ``ddf``: float32 ``(I, J, K, 3)`` in voxel units of the daily grid
-    (DESIGN.md convention); ``seg``: the segmentation path (uint8). With ``write_qa`` also ``NAME_qa.json``: the
-    agreement of the two paths per structure and the DDF's folding (:func:`path_agreement`), the QA signal of
-    DESIGN.md. A case's folder appears complete or not at all (written under a temporary name, then renamed).
+    (docs/ARCHITECTURE.md, "DDF convention"); ``seg``: the segmentation path (uint8). With ``write_qa`` also
+    ``NAME_qa.json``: the agreement of the two paths per structure and the DDF's folding (:func:`path_agreement`),
+    the QA signal (docs/ARCHITECTURE.md, "Contour source"). A case's folder appears complete or not at all (written
+    under a temporary name, then renamed).
     The daily NIfTI header is copied, so the files overlay the daily CT exactly.
 
     Args:

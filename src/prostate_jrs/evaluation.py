@@ -64,7 +64,7 @@ PATHS: tuple[str, str, str] = ("reg", "seg", "final")
 #: Default source of each structure's final contour. The registration path keeps the clinician's planning
 #: delineation of the low-contrast targets (prostate, seminal vesicles), whose outline CT barely shows; the
 #: segmentation path follows the filling changes of rectum and bladder, which a smooth DDF underestimates
-#: (METHOD.md section 1, marked there as to be confirmed against the paper).
+#: (docs/ARCHITECTURE.md, "Per-organ contour source"; not yet confirmed against the paper).
 DEFAULT_CONTOUR_SOURCE: dict[str, str] = {
     "prostate": "reg",
     "seminal_vesicles": "reg",
@@ -162,8 +162,9 @@ def compose_rigid(ddf: np.ndarray, affine: np.ndarray, daily_to_planning: np.nda
     """A DDF relative to the rigidly aligned planning scan, made relative to the planning scan's own coordinates.
 
     The network predicts ``ddf`` after the rigid pre-alignment ``R``: daily voxel ``x`` shows the planning point
-    ``R @ A (x + ddf(x))``. The returned field ``full`` has ``A (x + full(x))`` equal to that point, so the DESIGN.md
-    convention holds with the planning file's own affine (``R = I`` gives ``ddf`` back). ``det J`` is unchanged.
+    ``R @ A (x + ddf(x))``. The returned field ``full`` has ``A (x + full(x))`` equal to that point, so the DDF
+    convention (docs/ARCHITECTURE.md) holds with the planning file's own affine (``R = I`` gives ``ddf`` back).
+    ``det J`` is unchanged.
 
     Args:
         ddf: ``(3, I, J, K)`` in voxel units of the daily grid.
@@ -267,7 +268,7 @@ class DailyGridResult:
     """Network outputs brought back to the daily CT's own grid.
 
     Attributes:
-        ddf: float32 ``(3, I, J, K)`` in voxel units of the daily grid (DESIGN.md convention).
+        ddf: float32 ``(3, I, J, K)`` in voxel units of the daily grid (docs/ARCHITECTURE.md, "DDF convention").
         reg: uint8 planning label map warped by ``ddf`` (nearest neighbour) from the planning grid.
         seg: uint8 argmax of the segmentation logits (linearly resampled before the argmax), largest component of
             each single-organ label (:func:`keep_largest_components`).

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prostate_jrs.errors import JobNotPinnedError, PolicyError
 from prostate_jrs.trust import sha256_file
 
 __all__ = [
@@ -75,14 +76,6 @@ _CLIENT_CONFIG = "config/config_fed_client.json"
 _INJECTED_ID = "auto_log_streamer"
 _INJECTED_PATH = "nvflare.app_common.logging.job_log_streamer.JobLogStreamer"
 _INJECTED_ARGS = {"target_parent_server", "log_file_name", "liveness_interval", "poll_interval"}
-
-
-class PolicyError(ValueError):
-    """The site policy file is missing or malformed: the site refuses every job until it is fixed."""
-
-
-class JobNotPinnedError(ValueError):
-    """A job's client app does not match any version the site pinned; the message names the file that differs."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Image geometry shared by every part of the project: array order, affines and warping with a DDF.
 
-Conventions (see DESIGN.md):
+Conventions (docs/ARCHITECTURE.md, "DDF convention"):
 
 * Volumes with geometry travel as :class:`SimpleITK.Image` (world = DICOM patient coordinates, LPS, mm).
 * Voxel arrays are in NIfTI/MONAI index order ``(I, J, K)`` (the first axis is SimpleITK's x index),
@@ -185,7 +185,7 @@ def resample_to_grid(
 ) -> np.ndarray:
     """Resample channel-first data ``(C, *src_shape)`` onto another grid through the world mapping.
 
-    Destination voxel ``x`` takes the source value at the world point ``dst_affine @ (x + ddf(x))`` (the DESIGN.md
+    Destination voxel ``x`` takes the source value at the world point ``dst_affine @ (x + ddf(x))`` (the project's
     DDF convention; without ``ddf`` plain resampling). All channels share one set of sampling points; destination
     slices are done in slabs so that a 512 x 512 daily CT never needs full-size coordinate arrays.
 

@@ -249,7 +249,7 @@ class RefiningInferer(Inferer):
         settings: overrides of the mode's :class:`prostate_jrs.refine.RefineSettings` fields.
     """
 
-    def __init__(self, inferer: Inferer, mode: str | None = "fast", settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, inferer: Inferer, mode: str | None = "accurate", settings: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.inferer = inferer
         self.settings = refine_settings(mode, settings)

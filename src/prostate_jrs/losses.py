@@ -1,4 +1,6 @@
-"""Losses of JRS-MTL (METHOD.md 3) and the multi-task loss weighting, with the authors' defects fixed.
+"""Losses of JRS-MTL and the multi-task loss weighting, with the authors' defects fixed.
+
+The paper's losses: docs/ARCHITECTURE.md, "Losses".
 
 Terms, each averaged over the three output scales with ``level_weights``:
 

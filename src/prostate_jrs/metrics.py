@@ -1,8 +1,8 @@
 """Contour and deformation quality: DSC, mean surface distance, 95% Hausdorff distance, Jacobian statistics.
 
 Overlap and surface metrics use MONAI's implementations on one-hot label maps, in millimetres through the voxel
-spacing. Their definitions match the paper's evaluation (METHOD.md section 6): MSD is the mean of the pooled
-two-sided surface distances, HD95 the larger of the two directed 95th percentiles.
+spacing. Their definitions match the paper's evaluation (docs/ARCHITECTURE.md, "Evaluation metrics"): MSD is the
+mean of the pooled two-sided surface distances, HD95 the larger of the two directed 95th percentiles.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from typing import Any
 
 import psutil
 
+from prostate_jrs.errors import OutputFolderBusyError
+
 __all__ = [
     "STAGING_PREFIX",
     "OutputFolderBusyError",
@@ -45,10 +47,6 @@ STAGING_PREFIX = ".prostate-jrs.partial-"
 _OWNER_FILE = ".owner.json"
 _JOURNAL_FILE = ".publishing.json"
 _TIME_TOLERANCE_S = 1.0  # psutil's start and boot times are derived from clock ticks and /proc/stat's btime
-
-
-class OutputFolderBusyError(RuntimeError):
-    """Another run is writing into the output folder; the message names it."""
 
 
 def owner_stamp() -> dict[str, Any]:

@@ -23,9 +23,9 @@ Stages of :func:`run_pipeline` (each timed):
 DDF of the result (the convention of the DSR writer, :mod:`prostate_jrs.dicom.registration`): ``(3, I, J, K)``
 float32 on the daily grid, in daily voxel units, relative to the *rigidly aligned* planning scan. The planning
 anatomy shown at daily voxel ``x`` lies at the planning-frame point ``R @ A_daily @ (x + ddf(x))`` (``A_daily``:
-the daily grid's index-to-world matrix); with ``R = I`` this is the DESIGN.md convention. Write it with
-``write_deformable_registration(ddf, daily, ..., daily_to_planning=R)``: the rigid part becomes the pre-deformation
-matrix, the DDF the grid.
+the daily grid's index-to-world matrix); with ``R = I`` this is the DDF convention of docs/ARCHITECTURE.md. Write
+it with ``write_deformable_registration(ddf, daily, ..., daily_to_planning=R)``: the rigid part becomes the
+pre-deformation matrix, the DDF the grid.
 
 Safety rules checked here (no setting switches them off): the label map must lie on the planning CT's grid; where
 the images carry DICOM meta-data (as :func:`prostate_jrs.dicom.ct_reader.read_ct_series` sets it), planning CT,
@@ -49,6 +49,7 @@ from torch import nn
 
 from prostate_jrs.backends import BACKENDS
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS
+from prostate_jrs.errors import BundleError, PipelineError
 from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, restore_to_daily_grid
 from prostate_jrs.geometry import array_view, ddf_to_grid, index_to_world, label_counts, world_to_index
 from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
@@ -76,14 +77,6 @@ RefineStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 network's context border ``b`` of real anatomy around pred's grid."""
 
 _GRID_TOLERANCE = 1e-3  # mm / direction cosine: the label map must lie on the planning CT grid
-
-
-class PipelineError(ValueError):
-    """The inputs cannot be combined safely or do not fit; the message says what is wrong and what was expected."""
-
-
-class BundleError(ValueError):
-    """The bundle lacks a file the pipeline needs, or its weights do not fit its config; the message says which."""
 
 
 @dataclass(frozen=True)

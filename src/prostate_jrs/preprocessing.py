@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from prostate_jrs.errors import PreprocessingError
 from prostate_jrs.geometry import affine_transform, array_from_image, index_to_world
 
 __all__ = [
@@ -52,10 +53,6 @@ DAILY_TO_PLANNING = "daily_to_planning"
 _AIR_HU = -1000.0
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Maps LPS world points (DICOM, SimpleITK) to RAS ones (NIfTI, MONAI) and back (it is its own inverse)."""
-
-
-class PreprocessingError(ValueError):
-    """A pair cannot be put on a model grid (e.g. the planning contours miss the daily CT); the message says why."""
 
 
 def ras_direction(daily: sitk.Image) -> np.ndarray:

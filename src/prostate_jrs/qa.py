@@ -10,9 +10,10 @@
      "flags": [str, ...]}
 
 ``volume_ml`` is that of the final contour; the ``*_reg_seg`` metrics compare the registration path with the
-segmentation path (the QA signal of DESIGN.md: where they disagree, a reviewer should look). The DDF statistics are
-computed on the model grid (where the network predicted the field) inside the body; det J is unitless, so the grid
-does not change them. :func:`write_qa_png` draws both paths on daily slices (``qa.png``).
+segmentation path (the QA signal of docs/ARCHITECTURE.md, "Contour source": where they disagree, a reviewer
+should look). The DDF statistics are computed on the model grid (where the network predicted the field) inside the
+body; det J is unitless, so the grid does not change them. :func:`write_qa_png` draws both paths on daily slices
+(``qa.png``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,9 +31,26 @@ from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
 if TYPE_CHECKING:
-    from prostate_jrs.pipeline import PipelineSettings, RigidAlignment
+    from prostate_jrs.rigid import RigidAlignment
 
-__all__ = ["QA_PNG_DPI", "QA_PNG_INCHES", "quality_report", "write_qa_png"]
+__all__ = ["QA_PNG_DPI", "QA_PNG_INCHES", "QALimits", "quality_report", "write_qa_png"]
+
+
+class QALimits(Protocol):
+    """The thresholds QA flags against (:class:`prostate_jrs.pipeline.PipelineSettings` has them)."""
+
+    @property
+    def disagreement_dsc(self) -> float: ...
+
+    @property
+    def folding_limit(self) -> float: ...
+
+    @property
+    def volume_change_limit_pct(self) -> float: ...
+
+    @property
+    def residual_limit(self) -> float: ...
+
 
 #: Size of ``qa.png``: 9 x 3.4 inches at 100 dpi, 900 x 340 pixels, for any scan and number of slices.
 QA_PNG_INCHES: tuple[float, float] = (9.0, 3.4)
@@ -70,7 +88,7 @@ def quality_report(
     body_mask: np.ndarray,
     rigid: RigidAlignment,
     contour_source: dict[str, str],
-    settings: PipelineSettings,
+    settings: QALimits,
 ) -> dict[str, Any]:
     """The QA report of one fraction.
 

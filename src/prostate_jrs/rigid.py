@@ -4,7 +4,7 @@ Planning and daily CT come from different sessions, usually in different frames 
 so their world coordinates do not correspond. Bone moves rigidly with the patient's setup, so a rigid transform
 found on bone is the part of the daily deformation that the deformable registration does not need to learn.
 
-Direction (the project's convention, DESIGN.md): fixed = daily CT, moving = planning CT. The result's transform
+Direction (docs/ARCHITECTURE.md, "DDF convention"): fixed = daily CT, moving = planning CT. The result's transform
 maps a **daily world point to the planning world point** showing the same bone, which is what SimpleITK's
 registration returns (a fixed-to-moving point map) and what resampling the planning CT onto the daily grid
 needs. The planning anatomy at daily voxel ``x`` is the planning image at ``T(A_daily @ x)``; combined with a DDF
@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from prostate_jrs.errors import NoBoneError
 from prostate_jrs.geometry import identity_grid, index_to_world, world_to_index
 
 __all__ = [
@@ -46,10 +47,6 @@ RIGID_CONVENTION = (
     "planning bone surface. The network sees the planning scan through this map (prostate_jrs.preprocessing)."
 )
 """What the ``rigid`` record of a datalist item means (written into ``datalist.json`` beside it)."""
-
-
-class NoBoneError(ValueError):
-    """An image holds too little bone for a rigid alignment on bone."""
 
 
 @dataclass

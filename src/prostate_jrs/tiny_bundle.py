@@ -38,8 +38,13 @@ TINY_TRAINING: dict[str, Any] = {
     "widths": [4, 8, 16],
 }
 
-#: Refinement overrides of smoke runs: two levels, a few steps (any mode).
-TINY_REFINE: dict[str, Any] = {"levels": [4, 2], "control_spacing": [8, 4], "iterations": [3, 3]}
+#: Refinement overrides of smoke runs: two levels, a few steps, the finer one sampled on a lattice (any mode).
+TINY_REFINE: dict[str, Any] = {
+    "levels": [4, 2],
+    "control_spacing": [8, 4],
+    "iterations": [3, 3],
+    "sampling_stride": [1, 2],
+}
 
 
 def write_tiny_bundle(

@@ -84,7 +84,7 @@ def load_datalist(
     """Items of one or more lists of a dataset folder's ``datalist.json``, with absolute paths.
 
     Args:
-        dataset_dir: the dataset folder (DESIGN.md "Dataset on disk").
+        dataset_dir: the dataset folder (docs/ARCHITECTURE.md, "Dataset on disk").
         lists: list names to concatenate (``training``, ``validation``, ``test``); missing lists are skipped.
         datalist: the datalist file, relative to ``dataset_dir`` unless absolute.
         require_fixed_label: also require ``fixed_label`` (training and evaluation need the daily contours).

@@ -110,7 +110,8 @@ def test_app_writes_complete_valid_outputs(sessions: Path, bundle: Path, tmp_pat
     assert qa["settings"]["network_backend"] == _auto_backend_on_cpu()  # the bundle's default on the CPU
     # the bundle's default refinement ran, and its mode and cost are recorded
     refine = qa["refine"]
-    assert refine["mode"] == "fast" and refine["budget"] > 0 and refine["seconds"] > 0 and "refine" in qa["timings_s"]
+    assert refine["mode"] == "accurate" and refine["budget"] > 0 and refine["seconds"] > 0
+    assert "refine" in qa["timings_s"]
     assert refine["similarity_after"] < refine["similarity_before"]
     assert isinstance(qa["flags"], list)
     assert (out / "qa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """benchmarks/forward.py ``--engines``: the CPU engines agree with torch eager, and the CUDA rows are reported as far
 as a CPU can check them (on a machine without CUDA they become error rows; the table still prints). No timing
-thresholds (DESIGN.md)."""
+thresholds (docs/ARCHITECTURE.md, "No timing thresholds in tests")."""
 
 from __future__ import annotations
 

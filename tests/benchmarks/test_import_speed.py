@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/import_speed.py in its tiny mode: it runs end to end and writes a complete report.
 
-The script runs in a subprocess, as users run it (it forks its measurements). No timing thresholds (DESIGN.md).
+The script runs in a subprocess, as users run it (it forks its measurements). No timing thresholds
+(docs/ARCHITECTURE.md, "No timing thresholds in tests").
 """
 
 from __future__ import annotations

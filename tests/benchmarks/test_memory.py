@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/memory.py on a small grid: it generates the session, runs the app and reports its peak.
 
-No thresholds (DESIGN.md): the figure is checked to be a measured, plausible number, not a bound.
+No thresholds (docs/ARCHITECTURE.md, "No timing thresholds in tests"): the figure is checked to be a measured,
+plausible number, not a bound.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (amp, GPU memory) are checked through the report functions, as far as a CPU can.
 
 The script runs in a subprocess, as users run it: it forks its measurements, which is only safe from a process that
-has run no torch operation yet, and a pytest session may have run some. No timing thresholds (DESIGN.md).
+has run no torch operation yet, and a pytest session may have run some. No timing thresholds (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

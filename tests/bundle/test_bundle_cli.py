@@ -1,4 +1,6 @@
-"""The three bundle commands of DESIGN.md, run from the repository root exactly as users type them.
+"""The three bundle commands, run from the repository root exactly as users type them.
+
+The commands: docs/ARCHITECTURE.md, "Command-line contract".
 
 Only tiny-size overrides are appended (and checkpoint/log folders in a temporary directory, so the repository's
 ``bundle/models`` is never written by tests).

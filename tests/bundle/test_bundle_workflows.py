@@ -73,12 +73,12 @@ def test_evaluate_writes_tables(trained: dict[str, Any], tmp_path: Path) -> None
     assert {r["path"] for r in rows} == {"reg", "seg", "final"}
     assert {r["structure"] for r in rows} == {"prostate", "seminal_vesicles", "rectum", "bladder"}
     # the bundle refines by default: the network's rows (refine=off) and the refined rows side by side
-    assert {r["refine"] for r in rows} == {"off", "fast"}
+    assert {r["refine"] for r in rows} == {"off", "accurate"}
     assert len({r["case"] for r in rows}) == 2 and len(rows) == 2 * 2 * 3 * 4
     for row in rows:
         assert 0.0 <= float(row["dsc"]) <= 1.0
     seg = {r["refine"]: r["dsc"] for r in rows if r["path"] == "seg" and r["case"] == rows[0]["case"]}
-    assert seg["off"] == seg["fast"]  # refinement leaves the segmentation path alone
+    assert seg["off"] == seg["accurate"]  # refinement leaves the segmentation path alone
     with (out / "metrics_summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
     assert {"mean", "sd", "median", "n", "refine"} <= set(summary[0])
@@ -92,7 +92,7 @@ def test_evaluate_writes_tables(trained: dict[str, Any], tmp_path: Path) -> None
     error = {
         r["refine"]: sum(float(q["ddf_error_mean_mm"]) for q in quality if q["refine"] == r["refine"]) for r in quality
     }
-    assert error["fast"] < error["off"]  # refinement recovers the known deformation better than the tiny network
+    assert error["accurate"] < error["off"]  # refinement recovers the known deformation better than the tiny network
 
 
 def test_evaluate_also_passes_train_properties(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_infer_writes_outputs_on_daily_grid(trained: dict[str, Any], tiny_datase
     labels = np.asarray(nib.load(out / "JRS003_f01_ct" / "JRS003_f01_ct_labels.nii.gz").dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 3, 4} and (labels > 0).any()
     refine = json.loads((out / "JRS003_f01_ct" / "JRS003_f01_ct_qa.json").read_text())["refine"]
-    assert refine["mode"] == "fast" and refine["similarity_after"] < refine["similarity_before"]
+    assert refine["mode"] == "accurate" and refine["similarity_after"] < refine["similarity_before"]
 
 
 def test_infer_without_refinement(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -148,7 +148,8 @@ def test_train_evaluate_and_infer_on_an_imported_dataset(
     with (tmp_path / "eval" / "metrics_per_case.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     test_cases = {Path(item["fixed_image"]).name[: -len(".nii.gz")] for item in datalist["test"]}
-    assert {r["case"] for r in rows} == test_cases and len(rows) == len(test_cases) * 3 * 4 * 2  # refine off and fast
+    assert {r["case"] for r in rows} == test_cases
+    assert len(rows) == len(test_cases) * 3 * 4 * 2  # paths x structures x refine off and accurate
     assert {r["patient"] for r in rows} == {item["patient"] for item in datalist["test"]}  # pseudonyms
 
     # the daily scan without approved contours: the inference-only list

@@ -119,9 +119,7 @@ def _session(folder: Path, planning: CTVolume, daily_files: list[Path], labels: 
     return write_rtstruct(labels, planning.datasets, folder / "RS.planning.dcm")
 
 
-def test_enhanced_daily_ct_is_named_when_no_daily_ct_is_left(
-    planning_series, daily_series, tmp_path: Path
-) -> None:
+def test_enhanced_daily_ct_is_named_when_no_daily_ct_is_left(planning_series, daily_series, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     planning = read_ct_series(planning_series.files)

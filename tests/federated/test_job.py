@@ -1,7 +1,8 @@
 """federated/job.py: the NVFlare SimEnv job end to end (2 sites x 2 rounds, tiny), and the exported job's layout;
 and one round on two sites whose data came from their DICOM archives through ``prostate-jrs import``.
 
-The simulator runs as a subprocess with the exact command of DESIGN.md, so the test sees what a user sees.
+The simulator runs as a subprocess with the exact command of docs/ARCHITECTURE.md ("Command-line contract"), so
+the test sees what a user sees.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parameter counts at paper widths against the TF@ad938ce column of METHOD.md 2.1 (no forward pass)."""
+"""Parameter counts at paper widths against TF@ad938ce (docs/ARCHITECTURE.md, "Parameter counts (TF@ad938ce)")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from prostate_jrs.nets import build_network, count_parameters
 
-# (network, options, METHOD.md 2.1 TF@ad938ce count)
+# (network, options, TF@ad938ce count)
 TABLE = [
     ("seg", {"inputs": "If"}, 779_436),
     ("seg", {"inputs": "If_Im_Sm"}, 780_678),

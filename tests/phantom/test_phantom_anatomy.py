@@ -44,7 +44,7 @@ def test_bladder_axes_give_volume() -> None:
     a, b, c = bladder_semi_axes(300.0)
     assert 4 / 3 * np.pi * a * b * c / 1000 == pytest.approx(300.0)
     assert (a / b, b / c) == pytest.approx((1.3, 1.0))
-    assert 49 < a < 52 and 37 < b < 40  # DATA.md: about 51 x 39 x 37 mm at 300 ml
+    assert 49 < a < 52 and 37 < b < 40  # phantom recipe: about 51 x 39 x 37 mm at 300 ml
 
 
 def test_prostate_has_no_free_edge(tiny_patient: Patient) -> None:

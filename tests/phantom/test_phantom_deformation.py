@@ -66,7 +66,7 @@ def test_bladder_volume_follows_drawn_volume(tiny_patient: Patient) -> None:
 
 
 def test_daily_bladder_volume_distribution() -> None:
-    """V_d = V_p exp(N(0, 0.35)), clamped to 80-600 ml (DATA.md 3.4.3)."""
+    """V_d = V_p exp(N(0, 0.35)), clamped to 80-600 ml (docs/ARCHITECTURE.md, "Phantom recipe", item 3)."""
     rng = np.random.default_rng(0)
     anatomy = sample_anatomy(rng, AnatomyRanges())
     ranges = MotionRanges()

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prostate_jrs.errors import PatientBundleError
 from prostate_jrs.pipeline import BundleError
 from prostate_jrs.trust import MODEL_FILE, MODEL_HASH_KEY, record_model_hash, sha256_file
 
@@ -63,10 +64,6 @@ _FORMAT = 1
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 16}  # ~50 ms and 16 MiB per pseudonym: guessing IDs costs
 _SCHEME = "scrypt(n=16384, r=8, p=1) of 'PatientID' or 'PatientID (IssuerOfPatientID)', salt + site secret"
 _COPIED = ("configs", "docs", "LICENSE")
-
-
-class PatientBundleError(BundleError):
-    """A patient bundle does not belong to the session's patient, or its patient cannot be checked."""
 
 
 def patient_key(patient_id: str, issuer: str = "") -> str:

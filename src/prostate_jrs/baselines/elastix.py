@@ -6,8 +6,9 @@ normalised correlation for CT to CT, adaptive stochastic gradient descent with 5
 random samples. Callers that have a rigid pre-alignment (the app's pipeline, on bone) give elastix the planning CT
 resampled through it, so the B-spline models only the deformation, as the network does.
 
-The result is converted to the project's DDF convention (DESIGN.md, :mod:`prostate_jrs.geometry`): a
-``(3, I, J, K)`` displacement on the fixed grid, in voxel units of that grid, pulling the moving image back.
+The result is converted to the project's DDF convention (docs/ARCHITECTURE.md, "DDF convention";
+:mod:`prostate_jrs.geometry`): a ``(3, I, J, K)`` displacement on the fixed grid, in voxel units of that grid,
+pulling the moving image back.
 elastix's deformation field is that displacement in world millimetres (``moving point = x + u(x)``).
 """
 

@@ -1,8 +1,8 @@
 """Scoring the classical baselines on a datalist pair exactly as the bundle's evaluation scores a network.
 
-A pair of the project's dataset (DESIGN.md: planning CT, planning label map, daily CT, daily label map, NIfTI) is
-registered by ``"identity"`` (the planning contours copied unchanged through the scanners' shared world frame),
-``"rigid"`` (moved by the rigid pre-alignment on bone only) or ``"elastix"``
+A pair of the project's dataset (docs/ARCHITECTURE.md, "Dataset on disk": planning CT, planning label map, daily
+CT, daily label map, NIfTI) is registered by ``"identity"`` (the planning contours copied unchanged through the
+scanners' shared world frame), ``"rigid"`` (moved by the rigid pre-alignment on bone only) or ``"elastix"``
 (:func:`prostate_jrs.baselines.elastix.register_bspline` on the daily CT cropped around the planning contours, the
 same box the network is given, starting from the same rigid pre-alignment the network's preprocessing uses: the
 item's ``rigid`` record, else one on bone: :func:`prostate_jrs.rigid.recorded_or_on_bone`), and scored with

@@ -1,4 +1,4 @@
-"""From a hospital's DICOM archive to the project's dataset format (DESIGN.md "Dataset on disk").
+"""From a hospital's DICOM archive to the project's dataset format (docs/ARCHITECTURE.md, "Dataset on disk").
 
 * :mod:`~prostate_jrs.datasets.archive`: which patients, planning scans and daily scans an archive export holds;
 * :mod:`~prostate_jrs.datasets.importer`: ``prostate-jrs import``: pseudonymised NIfTI + ``datalist.json``, per

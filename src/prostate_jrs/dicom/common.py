@@ -24,6 +24,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from prostate_jrs.errors import ProstateJRSError
 from prostate_jrs.geometry import index_to_world
 
 __all__ = [
@@ -320,7 +321,7 @@ def atomic_write(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(ProstateJRSError, ValueError):
     """A file with the DICOM Part 10 prefix that is truncated or corrupt.
 
     Args:

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.errors import CTSeriesError
 
 __all__ = [
     "METADATA_KEYS",
@@ -48,10 +49,6 @@ METADATA_KEYS: dict[str, str] = {
 _COSINE_TOLERANCE = 1e-4
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SPACING_TOLERANCE_MM = 1e-3
-
-
-class CTSeriesError(ValueError):
-    """A CT series cannot be read as one regular volume; the message names the files and what was expected."""
 
 
 @dataclass

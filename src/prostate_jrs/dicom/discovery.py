@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.errors import DicomSelectionError
 
 __all__ = [
     "AdaptiveSession",
@@ -84,10 +85,6 @@ _IMAGE_TAGS = [
     "RTPlanTime",
 ]
 """Tags read by the scan: everything else (pixels, contour data) is skipped while parsing."""
-
-
-class DicomSelectionError(ValueError):
-    """The input folder does not hold what an adaptive session needs; the message names what is wrong."""
 
 
 def _text(ds: Dataset, keyword: str) -> str:

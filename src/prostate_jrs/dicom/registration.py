@@ -1,7 +1,7 @@
 """Write and read a Deformable Spatial Registration (planning CT -> daily CT) holding the project's DDF.
 
 Hand-written with pydicom because no maintained library writes this IOD (highdicom has none; see
-shared/docs/STACK.md section 5).
+docs/ARCHITECTURE.md, "Hand-written DICOM writers").
 
 Direction convention (DICOM PS3.3 C.20.3.1.1, "Deformable Registration Sequence"): the registrations "are applied
 to the Registered RCS coordinates": first the Pre Deformation Matrix, then the deformation offsets, then the Post

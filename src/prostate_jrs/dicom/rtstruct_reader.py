@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume
+from prostate_jrs.errors import RTStructError
 from prostate_jrs.geometry import image_from_array, world_to_index
 from prostate_jrs.labels import STRUCTURES, Structure, SynonymTable
 
@@ -41,10 +42,6 @@ __all__ = [
 
 _PLANE_TOLERANCE = 0.1
 """Largest spread of a contour's points along the slice normal, in slices, for it to count as on one slice."""
-
-
-class RTStructError(ValueError):
-    """An RTSTRUCT cannot be read onto the reference CT; the message names the file, the ROI and what was expected."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Write an RT Structure Set on a CT series from a label map or per-structure masks.
 
 Hand-written with pydicom because no maintained library writes a conformant RTSTRUCT: highdicom has no
-RTSTRUCT writer and rt-utils' output fails ``dciodvfy`` (see shared/docs/STACK.md section 5).
+RTSTRUCT writer and rt-utils' output fails ``dciodvfy`` (see docs/ARCHITECTURE.md, "Hand-written DICOM
+writers").
 
 Contours are sub-voxel closed planar polygons, one set per image slice: the 0.5 iso-line of the binary mask
 (marching squares, :func:`skimage.measure.find_contours`) in patient coordinates, each referencing its CT slice.

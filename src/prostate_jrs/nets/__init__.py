@@ -1,11 +1,13 @@
-"""The six networks of the paper (METHOD.md 2.2) and their shared valid-convolution U-Net blocks.
+"""The six networks of the paper and their shared valid-convolution U-Net blocks.
+
+The networks: docs/ARCHITECTURE.md, "Network architecture".
 
 ``build_network(name, widths=None, **options)`` returns a module mapping ``image`` (B, 3, D, H, W) = (daily CT,
 planning CT, planning label map) to ``pred`` (B, 8, D - 40, H - 40, W - 40) = 3 DDF channels + 5 logits;
 ``network.forward_multiscale(image)`` gives the 56^3/30^3/17^3 outputs (for a 96^3 patch) that
 :class:`prostate_jrs.losses.JRSLoss` trains on, and :class:`prostate_jrs.inferers.ValidPatchInferer` runs any
 of them over a whole volume. Architecture after the authors' TF@ad938ce models, parameter counts identical to
-METHOD.md 2.1.
+theirs (docs/ARCHITECTURE.md, "Parameter counts (TF@ad938ce)").
 """
 
 from __future__ import annotations

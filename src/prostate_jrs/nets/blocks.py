@@ -1,4 +1,6 @@
-"""Building blocks of the paper's 3-level valid-convolution U-Net (METHOD.md 2.1, TF@ad938ce).
+"""Building blocks of the paper's 3-level valid-convolution U-Net (TF@ad938ce).
+
+Architecture: docs/ARCHITECTURE.md, "Network architecture".
 
 Every convolution is ``Conv3d -> LeakyReLU(0.2) -> BatchNorm`` (the TF order), 3x3x3 and unpadded, except the
 strided downsampling convolution, which is padded by one voxel. Skips are centre-cropped before concatenation.

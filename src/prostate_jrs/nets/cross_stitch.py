@@ -1,4 +1,6 @@
-"""Cross-stitch network (``cross_stitch``; METHOD.md 2.2 item 6, MIDL 2020), as in TF@ad938ce.
+"""Cross-stitch network (``cross_stitch``; MIDL 2020), as in TF@ad938ce.
+
+Network 6 of docs/ARCHITECTURE.md, "Network architecture".
 
 Two full U-Nets, a segmentation and a registration branch, joined by four cross-stitch units (Misra et al.,
 CVPR 2016): after each of the two strided downsamplings and right after each of the two upsamplings (before

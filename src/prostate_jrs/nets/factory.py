@@ -1,4 +1,7 @@
-"""``build_network``: one entry point selecting any of the six networks by name (DESIGN.md "Network choice")."""
+"""``build_network``: one entry point selecting any of the six networks by name.
+
+Names and widths: docs/ARCHITECTURE.md, "Bundle I/O and network choice".
+"""
 
 from __future__ import annotations
 

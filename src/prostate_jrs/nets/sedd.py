@@ -1,4 +1,4 @@
-"""Shared encoder, double decoder (``sedd``; METHOD.md 2.2 item 5), as in TF@ad938ce.
+"""Shared encoder, double decoder (``sedd``), as in TF@ad938ce (docs/ARCHITECTURE.md, "Network architecture", 5).
 
 Levels 1 and 2 of the encoder (with the first strided convolution) are shared; from the second strided
 downsampling on, bottleneck and decoder are task-specific, and both decoders read the shared skips. (The

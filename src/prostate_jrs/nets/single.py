@@ -1,4 +1,7 @@
-"""One-branch networks: ``seg``, ``reg``/``jrs_reg`` (METHOD.md 2.2 items 1-3) and ``dense`` (item 4)."""
+"""One-branch networks: ``seg``, ``reg``/``jrs_reg`` and ``dense``.
+
+Networks 1-4 of docs/ARCHITECTURE.md, "Network architecture".
+"""
 
 from __future__ import annotations
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prostate_jrs.errors import QuotaExceededError
+
 __all__ = ["ACTIVE", "FINISHED", "Job", "JobStore", "QuotaExceededError", "folder_size"]
 
 _log = logging.getLogger("prostate_jrs.node")
@@ -39,10 +41,6 @@ FINISHED = ("done", "failed")
 """States of a job that is over (its folder is deleted after the retention time)."""
 ACTIVE = ("running", "sending")
 """States of a job being processed (at most one per patient)."""
-
-
-class QuotaExceededError(RuntimeError):
-    """Storing an instance would take the work folder over its quota."""
 
 
 def folder_size(folder: Path) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prostate_jrs.dicom.discovery import DicomSelectionError, check_one_patient, scan_folder, select_session
 from prostate_jrs.dicom_session import OUTPUT_FILES
+from prostate_jrs.errors import JobFailedError
 from prostate_jrs.node.config import NodeConfig
 from prostate_jrs.node.jobs import Job
 
@@ -28,10 +29,6 @@ SEND_ORDER = ("seg", "registration", "rtstruct")
 """Result objects in the order they are sent: RTSTRUCT last, as planning systems act on its arrival."""
 
 _REASON_CHARS = 4000
-
-
-class JobFailedError(RuntimeError):
-    """The job cannot give results; the message is the reason, as the job's log and ``job.json`` record it."""
 
 
 def job_command(job: Job, config: NodeConfig) -> list[str]:

@@ -17,15 +17,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import uid_to_sop_class
 
+from prostate_jrs.errors import SendError
 from prostate_jrs.node.config import Destination
 
 __all__ = ["SendError", "send_results"]
 
 _SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
-
-
-class SendError(RuntimeError):
-    """The results could not be sent; the message says where it stopped and what was stored already."""
 
 
 class _PermanentSendError(SendError):

@@ -1,4 +1,4 @@
-"""Synthetic male pelvis CT with known daily deformation (DATA.md section 3).
+"""Synthetic male pelvis CT with known daily deformation (docs/ARCHITECTURE.md, "Phantom recipe").
 
 Typical use::
 

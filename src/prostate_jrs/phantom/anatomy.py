@@ -27,7 +27,7 @@ RECTUM = structure_by_name("rectum").label
 BLADDER = structure_by_name("bladder").label
 
 URINE_HU = 10.0
-# Prostate, rectal and bladder walls (DATA.md: 40); muscle comes from the site profile (35 by default).
+# Prostate, rectal and bladder walls (the phantom recipe: 40); muscle comes from the site profile (35 by default).
 ORGAN_HU = 40.0
 SOFT_TISSUE_TEXTURE = 5.0
 # Chunk of slices rendered at once: bounds memory for clinical grids (512 x 512 x 16 points at a time).

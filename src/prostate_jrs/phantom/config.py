@@ -1,8 +1,8 @@
 """Configuration of the synthetic pelvis: grid, scanner/site profile, anatomy ranges and daily motion ranges.
 
-All lengths are millimetres, all angles degrees, all intensities Hounsfield units. Defaults follow
-``shared/docs/DATA.md`` section 3; the default grid looks like a clinical planning CT cropped to the pelvis
-(512 x 512 pixels of 0.977 mm, 90 slices of 3 mm).
+All lengths are millimetres, all angles degrees, all intensities Hounsfield units. Defaults follow the phantom
+recipe (docs/ARCHITECTURE.md, "Phantom recipe"); the default grid looks like a clinical planning CT cropped to the
+pelvis (512 x 512 pixels of 0.977 mm, 90 slices of 3 mm).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class SiteProfile:
         noise_reference_voxel_mm3: voxel volume at which ``noise_sd_hu`` holds (0.98 x 0.98 x 3 mm).
         noise_volume_exponent: noise SD scales as ``(reference / voxel volume) ** exponent``. CT noise is
             correlated, so averaging it into bigger voxels lowers it more slowly than white noise (0.5);
-            0.15 comes close to the real 3 mm fixture (DATA.md: 15 HU at 2.9 mm^3; at 27 mm^3 the fixture's
+            0.15 comes close to the real 3 mm fixture (a real CT: 15 HU at 2.9 mm^3; at 27 mm^3 the fixture's
             urine SD is about 12.5 HU, the phantom's about 11 HU).
         noise_correlation_px: sigma (pixels, in-plane) of the Gaussian that colours the noise.
         psf_sigma_mm: in-plane Gaussian point-spread function.

@@ -1,10 +1,10 @@
-"""Daily deformation with a known ground truth, composed from the components of DATA.md section 3.4.
+"""Daily deformation with a known ground truth, composed from the components of the phantom recipe.
 
-Every component is a *pull-back* map (daily world point -> the point it came from), written analytically,
-so the composed map can be evaluated exactly at any point. Components, applied to a daily point in turn:
-rigid setup, smooth background B-spline field, rectal distension, bladder filling, prostate and seminal
-vesicle motion. Non-rigid parts fade to zero at bone, so bone moves with the setup only. A map whose
-Jacobian determinant falls to ``min_jacobian`` or below is damped and recomposed.
+The recipe: docs/ARCHITECTURE.md, "Phantom recipe". Every component is a *pull-back* map (daily world point ->
+the point it came from), written analytically, so the composed map can be evaluated exactly at any point.
+Components, applied to a daily point in turn: rigid setup, smooth background B-spline field, rectal distension,
+bladder filling, prostate and seminal vesicle motion. Non-rigid parts fade to zero at bone, so bone moves with the
+setup only. A map whose Jacobian determinant falls to ``min_jacobian`` or below is damped and recomposed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from prostate_jrs.errors import FoldingError
 
 from ..metrics import jacobian_determinant
 from .anatomy import Anatomy
@@ -29,10 +31,6 @@ __all__ = [
     "pull_back",
     "sample_motion",
 ]
-
-
-class FoldingError(RuntimeError):
-    """Raised when no damping of a drawn deformation keeps its Jacobian determinant above the limit."""
 
 
 @dataclass
@@ -85,7 +83,7 @@ def sample_motion(
     sv_tip = rng.normal(0.0, ranges.sv_bend_sd, (2, 3))
     volume = anatomy.bladder_volume_ml * float(np.exp(rng.normal(0.0, ranges.bladder_log_sd)))
     volume = float(np.clip(volume, *ranges.bladder_volume_clip))
-    # Diameter change of DATA.md -> radius change; the sign (distension or emptying) is drawn.
+    # Diameter change of the phantom recipe -> radius change; the sign (distension or emptying) is drawn.
     change = 0.5 * float(rng.uniform(*ranges.rectum_change)) * float(rng.choice([-1.0, 1.0]))
     centre_z = anatomy.prostate.semi[2] + float(rng.uniform(-10.0, 15.0))
     segment = float(rng.uniform(*ranges.rectum_segment))
@@ -103,9 +101,9 @@ def sample_motion(
 class BoneWeight:
     """Weight in [0, 1] of non-rigid motion: 0 inside bone, rising smoothly with distance from it.
 
-    DATA.md suggests ``1 - exp(-d / 10 mm)``; its kink at the bone surface concentrates strain there, so a
-    Gaussian profile ``1 - exp(-d^2 / (2 s^2))`` of the same reach is used instead. The distance comes from an
-    exact Euclidean distance transform of the bone shapes on a coarse planning grid.
+    The phantom recipe (docs/ARCHITECTURE.md) suggests ``1 - exp(-d / 10 mm)``; its kink at the bone surface
+    concentrates strain there, so a Gaussian profile ``1 - exp(-d^2 / (2 s^2))`` of the same reach is used instead.
+    The distance comes from an exact Euclidean distance transform of the bone shapes on a coarse planning grid.
     """
 
     def __init__(self, anatomy: Anatomy, lo: np.ndarray, hi: np.ndarray, scale: float, spacing: float = 4.0) -> None:

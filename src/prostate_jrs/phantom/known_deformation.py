@@ -1,4 +1,6 @@
-"""A known deformation of a real CT, drawn from the phantom's deformation model (DATA.md section 3.4).
+"""A known deformation of a real CT, drawn from the phantom's deformation model.
+
+The model: docs/ARCHITECTURE.md, "Phantom recipe".
 
 A real pelvic CT has no ground-truth correspondence to any other scan, but it can be deformed by a known field: a
 phantom patient is placed in the real CT's world frame, its daily pull-back map (setup, background field, rectal

@@ -1,8 +1,9 @@
-"""Named hospital profiles and multi-site datasets for federated experiments (METHOD.md section 7.2).
+"""Named hospital profiles and multi-site datasets for federated experiments.
 
-The published network lost accuracy on a second institute's scans (validation HMC vs independent test EMC).
-Two hospitals differ in their scanners (manufacturer calibration, dose and reconstruction kernel, field of
-view) and in their populations and protocols (body size, bladder filling instructions, rectal preparation).
+The published network lost accuracy on a second institute's scans (validation HMC vs independent test EMC;
+docs/ARCHITECTURE.md, "A second institute"). Two hospitals differ in their scanners (manufacturer calibration, dose
+and reconstruction kernel, field of view) and in their populations and protocols (body size, bladder filling
+instructions, rectal preparation).
 :data:`INSTITUTES` holds two such profiles; :func:`write_multisite_dataset` writes one dataset folder per site,
 the layout ``federated/job.py --dataset-root`` expects::
 
@@ -59,7 +60,8 @@ class Institute:
 # Numbers: vendor water/soft-tissue calibration differs by up to ~20 HU between manufacturers and kernels;
 # a low-dose protocol with a sharper kernel roughly doubles the noise SD; reconstruction diameters of
 # 500 vs 420 mm are both common for pelvis CT; bladder filling instructions ("drink 500 ml" vs "comfortably
-# full") shift the planning bladder volume; the rest follows the defaults of DATA.md section 3.
+# full") shift the planning bladder volume; the rest follows the defaults of the phantom recipe
+# (docs/ARCHITECTURE.md, "Phantom recipe").
 INSTITUTES: tuple[Institute, ...] = (
     Institute(
         name="institute-a",
