@@ -28,8 +28,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff, then mypy on src/prostate_jrs (its settings: [tool.mypy] in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks federated app
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

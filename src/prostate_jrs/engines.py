@@ -24,7 +24,7 @@ import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -55,8 +55,11 @@ from prostate_jrs.metrics import deformation_quality, structure_metrics
 from prostate_jrs.preprocessing import DAILY_TO_PLANNING, ras_map
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, TRUE_DDF, case_name
 
-Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
-Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+    Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
 __all__ = [
     "EvaluationWriter",
@@ -517,7 +520,7 @@ class InferenceWriter:
         partial = self.output_dir / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        volumes = {
+        volumes: dict[str, np.ndarray] = {
             "labels": result.labels.astype(np.uint8),
             "ddf": np.moveaxis(result.ddf, 0, -1).astype(np.float32),
             "seg": result.seg.astype(np.uint8),

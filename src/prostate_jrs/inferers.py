@@ -35,7 +35,7 @@ def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     values = (int(value),) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
     if len(values) != 3 or min(values) < 1:
         raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 class ValidPatchInferer(Inferer):
@@ -175,7 +175,7 @@ class ValidPatchInferer(Inferer):
         if self.includes_context:
             if any(s <= 2 * b for s, b in zip(spatial, self.border, strict=True)):
                 raise ValueError(f"inputs {tuple(spatial)} are not larger than their context border {self.border}")
-            offset = (0, 0, 0)
+            offset: tuple[int, ...] = (0, 0, 0)
             spatial = [s - 2 * b for s, b in zip(spatial, self.border, strict=True)]
         else:
             offset = self.border

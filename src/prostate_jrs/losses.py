@@ -128,6 +128,13 @@ class JRSLoss(nn.Module):
         ValueError: on unknown network, term or weighting, or level weights not of length 3.
     """
 
+    # buffers (``register_buffer`` in ``__init__``), declared for the type checker
+    dwa_weights: torch.Tensor
+    dwa_history: torch.Tensor
+    dwa_epochs: torch.Tensor
+    epoch_sum: torch.Tensor
+    epoch_count: torch.Tensor
+
     def __init__(
         self,
         network: str | Sequence[str] = "cross_stitch",

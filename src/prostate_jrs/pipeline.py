@@ -35,6 +35,7 @@ planning contours must fall inside the daily CT after the rigid alignment.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ class PipelineResult:
 
 
 def load_bundle(
-    bundle_dir: str | Path,
+    bundle_dir: str | os.PathLike[str],
     device: str = "cpu",
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, PipelineSettings]:
@@ -232,8 +233,8 @@ def load_bundle(
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(root)
-    for key, value in dict(overrides or {}).items():
-        parser[key] = value
+    for key, setting in dict(overrides or {}).items():
+        parser[key] = setting
 
     def value(key: str, default: Any) -> Any:
         return parser.get_parsed_content(key) if key in parser else default
@@ -242,7 +243,8 @@ def load_bundle(
     inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
     refine = None
     if isinstance(inferer, RefiningInferer):  # the bundle's refinement setting is the pipeline's
-        inferer, refine = inferer.inferer, inferer.settings
+        refine = inferer.settings
+        inferer = inferer.inferer
     if not isinstance(inferer, ValidPatchInferer):
         inferer = ValidPatchInferer(96, None, 2, backend="auto")
     settings = PipelineSettings(
@@ -474,6 +476,8 @@ def run_pipeline(
     lap("rigid")
 
     # the network sees real anatomy, not padding, for its border around the grid (ValidPatchInferer.includes_context)
+    if settings.output_size is None:  # the subtraction below would fail the same way, less clearly
+        raise TypeError("settings.output_size is None: run_pipeline needs the tile's output size (load_bundle sets it)")
     try:
         model = model_inputs(
             daily_ct,

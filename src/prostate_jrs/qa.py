@@ -155,7 +155,7 @@ def quality_report(
     if not mask.any():
         mask, region = np.ones(model_ddf.shape[1:], dtype=bool), "model grid"
     quality = deformation_quality(model_ddf, mask=mask)
-    ddf = {key: _clean(value, 6) for key, value in quality.as_dict().items()}
+    ddf: dict[str, float | str | None] = {key: _clean(value, 6) for key, value in quality.as_dict().items()}
     ddf["region"] = region
     if quality.folding_fraction > settings.folding_limit:
         flags.append(
@@ -252,7 +252,11 @@ def write_qa_png(
                     )
         ax.set_title(f"slice k={k}", fontsize=9)
         ax.axis("off")
-    handles = [Line2D([], [], color=tuple(c / 255 for c in s.color), label=s.display_name) for s in STRUCTURES]
+    # the RGB triple is a tuple[float, ...] to mypy; matplotlib's ColorType only takes fixed-length tuples
+    handles = [
+        Line2D([], [], color=tuple(c / 255 for c in s.color), label=s.display_name)  # type: ignore[arg-type]
+        for s in STRUCTURES
+    ]
     handles += [
         Line2D([], [], color="black", linestyle="solid", label="registration path"),
         Line2D([], [], color="black", linestyle="dashed", label="segmentation path"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,10 @@ class CheckLabelsd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, require_foreground: KeysCollection = (), allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        require_foreground: str | Collection[Hashable] = (),
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.require_foreground = (
@@ -203,7 +206,7 @@ def image_from_metatensor(tensor: torch.Tensor, name: str = "image") -> sitk.Ima
     return image
 
 
-def _source(value: Any, key: str) -> str:
+def _source(value: Any, key: Hashable) -> str:
     return str(getattr(value, "meta", {}).get("filename_or_obj", key))
 
 
@@ -245,7 +248,7 @@ class ModelGridd(MapTransform):
         if len(keys) not in (3, 4):
             raise ValueError(f"keys: expected (fixed_image, moving_image, moving_label[, fixed_label]), got {keys}")
         super().__init__(keys, allow_missing_keys)
-        self.settings = {
+        self.settings: dict[str, Any] = {  # model_inputs' keyword arguments
             "spacing": float(model_spacing),
             "margin_mm": float(crop_margin_mm),
             "context_voxels": int(context_voxels),

@@ -91,7 +91,9 @@ def training_items(
     Raises:
         ValueError: naming the daily CT series if a pair cannot be aligned on bone or put on a model grid.
     """
-    approved, planning, rigids = [], {}, []
+    approved: list[dict[str, Any]] = []
+    planning: dict[str, dict[str, Any]] = {}
+    rigids: list[RigidAlignment] = []
     for number, fraction in enumerate(fractions, start=1):
         inputs = fraction.inputs
         where = f"approved fraction {number} (daily CT series {inputs.daily.series_instance_uid})"

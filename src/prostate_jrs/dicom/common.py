@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -436,7 +436,7 @@ def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def ds_list(values: Sequence[float]) -> list[str]:
+def ds_list(values: Iterable[float]) -> list[str]:
     """Values as Decimal Strings of at most 16 characters each (see :func:`format_ds`)."""
     return [format_ds(v) for v in values]
 

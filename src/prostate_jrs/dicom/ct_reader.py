@@ -184,7 +184,7 @@ def _integer(ds: Dataset, path: Path, keyword: str, default: int | None = None) 
     if value in (None, "") and default is not None:
         return default
     try:
-        number = int(value)  # type: ignore[arg-type]
+        number = int(value)
     except (TypeError, ValueError):
         number = 0
     if number < 1:

@@ -564,13 +564,13 @@ def _pick_rtstruct(
             f"the planning CT. Found:\n{inventory.summary()}"
         )
     if rtstruct_sop_uid is not None:
-        chosen = [s for s in candidates if s.sop_instance_uid == rtstruct_sop_uid]
-        if not chosen:
+        matching = [s for s in candidates if s.sop_instance_uid == rtstruct_sop_uid]
+        if not matching:
             raise DicomSelectionError(
                 f"{inventory.folder}: no RTSTRUCT with SOP Instance UID {rtstruct_sop_uid}; found "
                 + ", ".join(f"{s.sop_instance_uid} ({s.path.name})" for s in candidates)
             )
-        return chosen[0]
+        return matching[0]
     if patient_id is not None:
         candidates = [s for s in candidates if s.patient_id == patient_id]
         if not candidates:

@@ -157,7 +157,7 @@ def fill_even_odd(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndar
     crossing = i0[edge] + (rows - j0[edge]) * (i1[edge] - i0[edge]) / (j1[edge] - j0[edge])
     # a crossing at x toggles every pixel i < x of its row: mark the toggle at 0 and at ceil(x), then XOR-scan
     toggles = np.zeros((size_j, size_i + 1), dtype=np.int64)
-    np.add.at(toggles, (rows, 0), 1)
+    np.add.at(toggles, (rows, 0), 1)  # type: ignore[arg-type]  # numpy takes an (array, int) index; its stub does not
     np.add.at(toggles, (rows, np.clip(np.ceil(crossing), 0, size_i).astype(np.int64)), 1)
     inside = (np.cumsum(toggles, axis=1)[:, :size_i] % 2).astype(bool)
 
@@ -404,7 +404,7 @@ def _roi_number(item: Dataset, keyword: str, path: Path, what: str) -> int:
     """
     value = item.get(keyword)
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
         tag = pydicom.datadict.tag_for_keyword(keyword) or 0
         raise RTStructError(

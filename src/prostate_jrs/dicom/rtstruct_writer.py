@@ -159,9 +159,9 @@ def _keyhole(outer: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
         best: tuple[float, int, int, int] | None = None
         for h, hole in enumerate(remaining):
             distances = np.linalg.norm(merged[:, None, :] - hole[None, :, :], axis=-1)
-            a, b = np.unravel_index(np.argmin(distances), distances.shape)
-            if best is None or distances[a, b] < best[0]:
-                best = (float(distances[a, b]), h, int(a), int(b))
+            i, j = np.unravel_index(np.argmin(distances), distances.shape)
+            if best is None or distances[i, j] < best[0]:
+                best = (float(distances[i, j]), h, int(i), int(j))
         assert best is not None
         _, h, a, b = best
         hole = remaining.pop(h)
@@ -388,7 +388,7 @@ def write_rtstruct(
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
         roi_contour.ROIDisplayColor = list(structure.color)
-        contour_items = []
+        contour_items: list[Dataset] = []
         for k in np.flatnonzero(mask.any(axis=(0, 1))):
             for polygon in contours_for_slice(mask[:, :, k], options.holes):
                 ones = np.ones(len(polygon))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -73,6 +74,8 @@ class JRSNetwork(nn.Module):
 
     #: canonical network name (``build_network`` sets ``jrs_reg`` on a :class:`RegNet`)
     name = ""
+    if TYPE_CHECKING:  # declared for the type checker only: TorchScript reads class annotations and fails on them
+        tasks: tuple[str, ...]
     #: tasks the network predicts itself: ``seg`` (logits) and/or ``reg`` (DDF)
     tasks = ()
 

@@ -10,6 +10,7 @@ the skip concatenation). The cross-stitch unit is hand-written: MONAI has none.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,6 +67,9 @@ class CrossStitchNet(JRSNetwork):
 
     name = "cross_stitch"
     tasks = ("seg", "reg")
+    if TYPE_CHECKING:  # the buffers, declared for the type checker only (TorchScript would read the annotations)
+        seg_index: torch.Tensor
+        reg_index: torch.Tensor
 
     def __init__(
         self,

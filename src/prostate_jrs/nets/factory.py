@@ -5,7 +5,7 @@ Names and widths: docs/ARCHITECTURE.md, "Bundle I/O and network choice".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -60,8 +60,10 @@ def build_network(name: str, widths: Sequence[int] | None = None, **options: Any
     widths = DEFAULT_WIDTHS[key] if widths is None else tuple(int(w) for w in widths)
     if len(widths) != 3 or min(widths) < 1:
         raise ValueError(f"widths must be three positive feature-map counts, got {widths}")
+    # subclasses take widths and options; the base class's own __init__ takes none
+    network_class: Callable[..., JRSNetwork] = NETWORKS[key]
     try:
-        network = NETWORKS[key](widths=widths, **options)
+        network = network_class(widths=widths, **options)
     except TypeError as err:
         raise ValueError(f"network {key!r} does not take options {sorted(options)}: {err}") from err
     network.name = key

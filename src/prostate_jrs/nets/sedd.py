@@ -8,6 +8,7 @@ authors' later PyTorch code shares the bottleneck too; we follow the TF model th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -47,6 +48,8 @@ class SEDDNet(JRSNetwork):
 
     name = "sedd"
     tasks = ("seg", "reg")
+    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
+        input_index: torch.Tensor
 
     def __init__(
         self,

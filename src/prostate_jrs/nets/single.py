@@ -6,6 +6,7 @@ Networks 1-4 of docs/ARCHITECTURE.md, "Network architecture".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,8 @@ class SegNet(JRSNetwork):
 
     name = "seg"
     tasks = ("seg",)
+    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
+        input_index: torch.Tensor
 
     def __init__(self, widths: Sequence[int] = (23, 45, 91), inputs: Sequence[str] | str = ("fixed",)) -> None:
         super().__init__()
@@ -51,6 +54,8 @@ class RegNet(JRSNetwork):
 
     name = "reg"
     tasks = ("reg",)
+    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
+        input_index: torch.Tensor
 
     def __init__(
         self,
@@ -79,6 +84,8 @@ class DenseJRSNet(JRSNetwork):
 
     name = "dense"
     tasks = ("seg", "reg")
+    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
+        input_index: torch.Tensor
 
     def __init__(
         self,

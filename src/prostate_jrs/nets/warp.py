@@ -12,6 +12,8 @@ volume (border 0, stride 1) it is exactly ``monai.networks.blocks.Warp``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +63,7 @@ def warp_patch(
     return F.grid_sample(moving.to(dtype), grid, mode=mode, padding_mode="border", align_corners=True)
 
 
-def crop_and_decimate(x: torch.Tensor, border: int, stride: int, size: tuple[int, int, int]) -> torch.Tensor:
+def crop_and_decimate(x: torch.Tensor, border: int, stride: int, size: Sequence[int]) -> torch.Tensor:
     """Target for one output scale: centre crop by ``border`` and plain subsampling by ``stride`` (no smoothing)."""
     return x[
         :,

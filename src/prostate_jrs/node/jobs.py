@@ -265,7 +265,7 @@ class JobStore:
         with self.lock:
             active = [j for j in self.jobs.values() if j.state in ACTIVE]
             busy = {j.patient for j in active}
-            started = []
+            started: list[Job] = []
             for job in sorted((j for j in self.jobs.values() if j.state == "queued"), key=lambda j: j.created):
                 if len(active) + len(started) >= max_parallel:
                     break

@@ -19,16 +19,22 @@ import re
 import subprocess
 import threading
 import time
+from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification
+
+# pynetdicom makes its SOP Class names at import time, so the type checker does not see them
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 
 from prostate_jrs.node.config import NodeConfig
 from prostate_jrs.node.jobs import FINISHED, Job, JobStore, QuotaExceededError
 from prostate_jrs.node.runner import JobFailedError, process_job
 from prostate_jrs.node.sender import SendError, send_results
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = ["ACCEPTED_SOP_CLASSES", "DicomNode"]
 
@@ -61,7 +67,7 @@ class DicomNode:
         config.workdir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(config.workdir, config.quota_bytes)
         self._stopping = threading.Event()
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._scheduler: threading.Thread | None = None
         self._workers: dict[str, threading.Thread] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
@@ -81,11 +87,11 @@ class DicomNode:
         """
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:  # accepted at negotiation: refused classes get their status
-            ae.add_supported_context(context.abstract_syntax)
+            ae.add_supported_context(cast(UID, context.abstract_syntax))  # set in every one of those contexts
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.network_timeout_s
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, lambda event: self.store.association_ended(id(event.assoc))),
@@ -128,7 +134,10 @@ class DicomNode:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        request_class = UID(event.request.AffectedSOPClassUID)
+        affected_class = event.request.AffectedSOPClassUID
+        if affected_class is None:  # UID(None) would raise the same, less clearly
+            raise TypeError("C-STORE request without an Affected SOP Class UID")
+        request_class = UID(affected_class)
         calling = event.assoc.requestor.ae_title
         modality = ACCEPTED_SOP_CLASSES.get(request_class)
         if modality is None:

@@ -8,6 +8,7 @@ and the pelvic-floor muscle with HU differences under 15.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +83,11 @@ def bladder_semi_axes(volume_ml: float) -> np.ndarray:
     """Semi-axes (LR, AP, SI) of a 1.3 : 1 : 1 ellipsoid of ``volume_ml`` (V = 4/3 pi a b c)."""
     b = (volume_ml * 1000.0 / (4.0 / 3.0 * np.pi * 1.3)) ** (1.0 / 3.0)
     return np.array([1.3 * b, b, b])
+
+
+def _tube(points: Sequence[Sequence[float]], radii: Sequence[float], squash: Sequence[float] = (1.0, 1.0, 1.0)) -> Tube:
+    """A :class:`Tube` from plain lists of vertices and radii, as the float32 arrays it makes of them itself."""
+    return Tube(np.asarray(points, dtype=np.float32), np.asarray(radii, dtype=np.float32), squash=squash)
 
 
 def _bone(
@@ -216,17 +222,17 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         )  # fmt: skip
         _bone(
             layers, bones, "ischium",
-            Tube([(sx * (hx - 12), head_y + 22, head_z - 5), (sx * 52, 42, -45)], [14, 12], squash=(1.3, 1.0, 1.0)),
+            _tube([(sx * (hx - 12), head_y + 22, head_z - 5), (sx * 52, 42, -45)], [14, 12], squash=(1.3, 1.0, 1.0)),
             2.5, hu_cortex, hu_core,
         )  # fmt: skip
         _bone(
             layers, bones, "superior_ramus",
-            Tube([(sx * 12, pubis_y + 4, 22), (sx * (hx - 20), head_y - 12, head_z + 10)], [9, 11]),
+            _tube([(sx * 12, pubis_y + 4, 22), (sx * (hx - 20), head_y - 12, head_z + 10)], [9, 11]),
             2.0, hu_cortex, hu_core,
         )  # fmt: skip
         _bone(
             layers, bones, "inferior_ramus",
-            Tube([(sx * 10, pubis_y, 2), (sx * 50, 40, -42)], [8, 9]),
+            _tube([(sx * 10, pubis_y, 2), (sx * 50, 40, -42)], [8, 9]),
             2.0, hu_cortex, hu_core,
         )  # fmt: skip
         _bone(
@@ -237,7 +243,7 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         layers.append(Layer("hip_joint", Ellipsoid((sx * hx, head_y, head_z), (r_head + 1.5,) * 3), 35.0, 4.0))
         _bone(
             layers, bones, "femoral_neck",
-            Tube([(sx * hx, head_y, head_z), (sx * (hx + 38), head_y + 8, head_z - 28)], [15, 16]),
+            _tube([(sx * hx, head_y, head_z), (sx * (hx + 38), head_y + 8, head_z - 28)], [15, 16]),
             3.0, hu_cortex + 100, hu_core,
         )  # fmt: skip
         _bone(
@@ -252,13 +258,13 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         )  # fmt: skip
         _bone(
             layers, bones, "femoral_shaft",
-            Tube([(sx * (hx + 40), head_y + 10, head_z - 40), (sx * (hx + 22), head_y, -260)], [14, 13]),
+            _tube([(sx * (hx + 40), head_y + 10, head_z - 40), (sx * (hx + 22), head_y, -260)], [14, 13]),
             5.0, hu_cortex + 200, 120.0,
         )  # fmt: skip
     sacrum_y = back - rng.uniform(30, 40)
     _bone(
         layers, bones, "sacrum",
-        Tube(
+        _tube(
             [(0, sacrum_y - 12, 170), (0, sacrum_y - 4, 120), (0, sacrum_y, 70), (0, sacrum_y - 6, 25)],
             [52, 48, 38, 24],
             squash=(1.0, 3.6, 1.0),
@@ -267,7 +273,9 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
     )  # fmt: skip
     _bone(
         layers, bones, "coccyx",
-        Tube([(0, sacrum_y - 6, 25), (0, sacrum_y - 16, -10), (0, sacrum_y - 30, -30)], [14, 9, 6], squash=(1, 1.6, 1)),
+        _tube(
+            [(0, sacrum_y - 6, 25), (0, sacrum_y - 16, -10), (0, sacrum_y - 30, -30)], [14, 9, 6], squash=(1, 1.6, 1)
+        ),
         2.0, hu_cortex, hu_core + 80,
     )  # fmt: skip
 
@@ -282,7 +290,7 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
     # Rectum: wall plus mottled faecal content; its anterior wall presses on the prostate.
     r = p["rectum_radius"]
     y_touch = b_p + r - 2.0
-    rectum = Tube(
+    rectum = _tube(
         [
             (0, 30, -c_p - 40),
             (0, y_touch - 4, -c_p + 2),

@@ -211,7 +211,11 @@ class PhantomConfig:
     @classmethod
     def tiny(cls, **overrides: object) -> PhantomConfig:
         """A small, fast config for tests: 4 mm voxels on a 384 x 288 x 192 mm field of view (96 x 72 x 48)."""
-        base = {"spacing": (4.0, 4.0, 4.0), "fov": (384.0, 288.0, 192.0), "fov_centre": (0.0, 15.0, 20.0)}
+        base: dict[str, object] = {
+            "spacing": (4.0, 4.0, 4.0),
+            "fov": (384.0, 288.0, 192.0),
+            "fov_centre": (0.0, 15.0, 20.0),
+        }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
 

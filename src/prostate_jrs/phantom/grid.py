@@ -72,7 +72,7 @@ class Grid:
         """
         if not np.allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6):
             raise ValueError(f"phantom grids are axial with identity direction; got direction {image.GetDirection()}")
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()))  # type: ignore[arg-type]
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()))
 
 
 def planning_grid(config: PhantomConfig) -> Grid:

@@ -91,7 +91,11 @@ def save_preview(patient: Patient, path: str | Path, max_fractions: int = 3) -> 
                     ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
             ax.set_title(f"{patient.patient_id} {title}: {view}", color="white", fontsize=8)
             ax.axis("off")
-    handles = [Line2D([0], [0], color=tuple(v / 255 for v in s.color), label=s.display_name) for s in STRUCTURES]
+    # the RGB triple is a tuple[float, ...] to mypy; matplotlib's ColorType only takes fixed-length tuples
+    handles = [
+        Line2D([0], [0], color=tuple(v / 255 for v in s.color), label=s.display_name)  # type: ignore[arg-type]
+        for s in STRUCTURES
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), facecolor="black", labelcolor="white")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
+def rotation_matrix(angles_deg: Sequence[float] | np.ndarray) -> np.ndarray:
     """Rotation about x, then y, then z (degrees), as a 3x3 matrix ``R = Rz @ Ry @ Rx``."""
     ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -93,8 +93,8 @@ class Shape:
 class Ellipsoid(Shape):
     """Ellipsoid with centre, semi-axes and rotation (degrees about x, y, z)."""
 
-    centre: Sequence[float]
-    semi: Sequence[float]
+    centre: Sequence[float] | np.ndarray
+    semi: Sequence[float] | np.ndarray
     angles: Sequence[float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
