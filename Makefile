@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,app,fl,bench,dev,node
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# everything but the tests marked slow (a real PACS, an NVFlare PoC, the fuzz runs, kills); `make test` runs all
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # ruff, then mypy on src/prostate_jrs (its settings: [tool.mypy] in pyproject.toml)
 lint: $(STAMP)
