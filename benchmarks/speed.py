@@ -54,12 +54,14 @@ Usage::
     python benchmarks/speed.py [--device cpu cuda] [--threads 2] [--fov-scales 0.5 0.75 1] [--repeats 1]
                                [--variants torch-eager no-refine default] [--bundle bundle]
                                [--out benchmarks/results/speed] [--data DIR] [--seed 0] [--tiny]
+                               [--no-elastix]
 
 Prints a Markdown table and writes ``OUT/speed.md``, ``OUT/speed.json`` (every measurement, the hardware, the load
 and the software versions) and ``OUT/speed_scaling.png`` (time against daily-CT voxels). ``--tiny``: the phantom's
 tiny preset (4 mm voxels), a narrow randomly initialised copy of the bundle on a 6 mm model grid (:data:`TINY_BUNDLE`)
 and ``ElastixSettings.tiny()``, to check the script in CI in about a minute; its times mean nothing. ``--data DIR``
 keeps the generated studies there and reuses them on the next run (the clinical ones take minutes to make).
+``--no-elastix`` skips elastix (a GPU machine without itk-elastix): its cells show ``-``.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("qa_files", "QA files"),
     ("publish", "publish"),
 )
+#: The elastix entry of a study under ``--no-elastix``.
+NOT_MEASURED: dict[str, Any] = {"error": "not measured (--no-elastix)", "skipped": True}
 #: Bundle overrides of each variant (module docstring); ``amp`` only on CUDA.
 VARIANTS: dict[str, dict[str, Any]] = {
     "torch-eager": {"backend": "torch", "infer_max_tile_voxels": None, "tile_batch_size": 2, "refine#mode": "off"},
@@ -517,6 +521,11 @@ def build_rows(
     return rows
 
 
+def _failed(elastix: dict[str, Any]) -> bool:
+    """Whether elastix was measured and failed (skipped is not failed)."""
+    return "error" in elastix and not elastix.get("skipped")
+
+
 def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.1f}" if key in row else "-"
 
@@ -564,6 +573,7 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         if "gpu_peak_mib" in fraction:
             peak += f" (GPU {fraction['gpu_peak_mib']:.0f})"
         failed = "error" in baseline
+        missing = "-" if baseline.get("skipped") else "error"
         cells = [
             *first,
             fraction["backend"],
@@ -574,7 +584,7 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
             peak,
             _refine(fraction),
             _ratio(row, "ratio_network"),
-            "error" if failed else _fmt(baseline["stages_s"]["register"]),
+            missing if failed else _fmt(baseline["stages_s"]["register"]),
             _ratio(row, "ratio_registration"),
             "-" if failed else _fmt(row.get("elastix_fraction_s")),
             _ratio(row, "ratio_fraction"),
@@ -604,7 +614,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         seen.add(study["scale"])
         grid = _size(fraction["model_grid"]["size"])
         if "error" in baseline:
-            crop, prep, warp, cpu, load, peak = "error", "-", "-", "-", "-", "-"
+            crop = "-" if baseline.get("skipped") else "error"
+            prep, warp, cpu, load, peak = "-", "-", "-", "-", "-"
         else:
             crop = f"{_size(baseline['crop_size'])} ({baseline['crop_voxels'] / 1e6:.2f} M)"
             prep, warp = _fmt(baseline["stages_s"]["prep"]), _fmt(baseline["stages_s"]["warp"])
@@ -698,6 +709,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=None, help="keep (and reuse) the generated studies here")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--tiny", action="store_true", help="tiny phantom, bundle and elastix: a smoke run")
+    parser.add_argument(
+        "--no-elastix", action="store_true",
+        help="skip elastix (e.g. on a GPU machine without itk-elastix; its rows show '-')",
+    )  # fmt: skip
     return parser
 
 
@@ -792,8 +807,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  study {scale:g}: daily CT {size} ({study['generation_s']:.1f} s)", file=sys.stderr, flush=True)
         exports = {device: run_forked(prepare_bundle, str(bundle), device, args.threads) for device in devices}
         fractions = measure_fractions(studies, str(bundle), devices, args)
-        itk_load_s = load_itk()  # after the network children: they need not carry ITK's ~1 GB
-        elastix = measure_elastix_all(studies, fractions, settings, args)
+        if args.no_elastix:
+            itk_load_s = None
+            elastix = [dict(NOT_MEASURED) for _ in studies]
+        else:
+            itk_load_s = load_itk()  # after the network children: they need not carry ITK's ~1 GB
+            elastix = measure_elastix_all(studies, fractions, settings, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -823,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out / "speed.json").write_text(json.dumps(document, indent=2) + "\n")
     plot(rows, args.out / "speed_scaling.png")
-    failed = any("error" in row["fraction"] or "error" in row["elastix"] for row in rows)
+    failed = any("error" in row["fraction"] or _failed(row["elastix"]) for row in rows)
     return 1 if failed else 0
 
 

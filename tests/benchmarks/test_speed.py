@@ -132,6 +132,12 @@ def test_cuda_rows_are_reported(speed: ModuleType) -> None:
     table = speed.markdown(rows, "header")
     assert "| cuda | amp | torch |" in table and "(GPU 250)" in table
 
+    # --no-elastix (a GPU machine without itk-elastix): no ratios, '-' in its cells, and not a failure
+    skipped = speed.build_rows([study], fractions, [dict(speed.NOT_MEASURED)])
+    assert all("ratio_fraction" not in row and "ratio_network" in row for row in skipped)
+    assert not speed._failed(skipped[0]["elastix"]) and speed._failed({"error": "boom"})
+    assert "error" not in speed.markdown(skipped, "header")
+
 
 def _load_script() -> ModuleType:
     return load_script(SCRIPT, "benchmark_speed")
