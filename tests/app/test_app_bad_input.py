@@ -6,220 +6,53 @@ tag or ROI and what was expected (no traceback), and leave the output folder as 
 registration or QA file and no staging folder. Refusals happen while the session is read, before the network runs.
 Where it can proceed (some structures missing, unknown ROI names) it must say what it left out in ``qa.json``.
 
-The library tests cover each check in detail (tests/dicom/test_discovery.py, test_ct_reader.py,
-test_rtstruct_reader.py, test_common.py, tests/test_dicom_session.py); these make sure the app stops, says why
-and writes nothing.
+Every mutation of ``tests/bad_sessions.py`` is refused by ``load_session`` (tests/test_dicom_session_refusals.py), and
+the reader tests cover each check in detail (tests/dicom/test_discovery.py, test_ct_reader.py, test_rtstruct_reader.py,
+test_common.py); these make sure the app stops, says why and writes nothing, for one refusal of each reader.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pydicom
 import pytest
+from bad_sessions import (
+    Mutation,
+    Study,
+    daily_missing_slice,
+    make_study,
+    mim_rtstruct_with_incomplete_ct,
+    no_roi_maps_to_a_structure,
+    no_rtstruct,
+    planning_slice_truncated,
+    rtstruct_of,
+)
 from dicom_edits import edit_rois
-
-from prostate_jrs.phantom import PhantomConfig, write_dataset
-from prostate_jrs.phantom.dicom_export import export_dicom_sessions
 
 if TYPE_CHECKING:  # conftest is not importable at run time; the fixture hands its helper over
     from conftest import RunApp
 
-MIM = Path(__file__).resolve().parents[2] / "../shared/fixtures/real/rtstruct_mim"
-MIM_SERIES = "2.16.840.1.114362.1.11940992.23790159890.563423471.893.88"  # the CT series the MIM RTSTRUCTs reference
 OUTPUTS = ("rtstruct.dcm", "seg.dcm", "registration.dcm", "qa.json", "qa.png")
 EARLIER = "earlier_result.txt"  # a file already in the output folder: a refused run must leave it alone
-
-
-@dataclass(frozen=True)
-class Study:
-    """The generated session folder and its UIDs (``sessions.json``)."""
-
-    folder: Path
-    uids: dict[str, str]
+# Through the app, one refusal per reader that refuses (selection, CT series, RTSTRUCT, a damaged file, a real
+# vendor's export); tests/test_dicom_session_refusals.py runs every mutation through load_session. Each app run costs
+# ~10 s, mostly importing torch and MONAI.
+APP_REFUSED: list[Mutation] = [
+    no_rtstruct,
+    daily_missing_slice,
+    no_roi_maps_to_a_structure,
+    planning_slice_truncated,
+    mim_rtstruct_with_incomplete_ct,
+]
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     """One tiny synthetic patient, one fraction: planning CT, planning RTSTRUCT and daily CT in one folder."""
-    root = tmp_path_factory.mktemp("synth") / "data"
-    write_dataset(root, n_patients=1, n_fractions=1, seed=0, config=PhantomConfig.tiny())
-    export_dicom_sessions(root)
-    record = json.loads((root / "dicom" / "sessions.json").read_text())["sessions"][0]
-    return Study(root / record["folder"], record["uids"])
-
-
-# ----------------------------------------------------------------------------------------------- mutations
-
-
-def _series(folder: Path, uid: str) -> list[Path]:
-    """Files of one series, in slice order (position along z: the phantom's series are axial)."""
-    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("*.dcm")}
-    files = [p for p, ds in headers.items() if ds.get("SeriesInstanceUID") == uid]
-    return sorted(files, key=lambda p: float(headers[p].ImagePositionPatient[2]))
-
-
-def _rtstruct(folder: Path) -> Path:
-    return next(folder.glob("RS.*.dcm"))
-
-
-def _edit(paths: list[Path], **values: object) -> None:
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        ds.save_as(path)
-
-
-def _cut(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
-def _referenced_series(rtstruct: Path, uid: str) -> None:
-    ds = pydicom.dcmread(rtstruct)
-    study = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-    study.RTReferencedSeriesSequence[0].SeriesInstanceUID = uid
-    ds.save_as(rtstruct)
-
-
-def no_rtstruct(folder: Path, uids: dict[str, str]) -> list[str]:
-    _rtstruct(folder).unlink()
-    return ["no RTSTRUCT found", str(folder), "expected the planning structure set"]
-
-
-def rtstruct_references_missing_series(folder: Path, uids: dict[str, str]) -> list[str]:
-    rtstruct = _rtstruct(folder)
-    _referenced_series(rtstruct, "1.2.826.0.1.3680043.8.498.424242")
-    return [rtstruct.name, "references series 1.2.826.0.1.3680043.8.498.424242", "expected the planning CT series"]
-
-
-def rtstruct_references_daily_series(folder: Path, uids: dict[str, str]) -> list[str]:
-    rtstruct = _rtstruct(folder)
-    _referenced_series(rtstruct, uids["daily_ct_series"])
-    return [rtstruct.name, "frame of reference", uids["daily_ct_series"], "the contours do not fit that CT"]
-
-
-def rtstruct_of_another_patient(folder: Path, uids: dict[str, str]) -> list[str]:
-    rtstruct = _rtstruct(folder)
-    _edit([rtstruct], PatientID="JRS999")
-    return [rtstruct.name, "different patients", "PatientID (0010,0020) 'JRS001' vs 'JRS999'", "never combined"]
-
-
-def no_roi_maps_to_a_structure(folder: Path, uids: dict[str, str]) -> list[str]:
-    rtstruct = _rtstruct(folder)
-    edit_rois(rtstruct, rename={"Prostate": "Target", "SV": "Spacer", "Rectum": "Gut", "Bladder": "Vesica X"})
-    return [rtstruct.name, "no ROI gives any of the structures", "'Target', 'Spacer', 'Gut', 'Vesica X', 'BODY'"]
-
-
-def daily_not_ct(folder: Path, uids: dict[str, str]) -> list[str]:
-    _edit(_series(folder, uids["daily_ct_series"]), Modality="MR")
-    return ["no daily CT", f"series {uids['daily_ct_series']}: Modality 'MR', not CT"]
-
-
-def planning_single_slice(folder: Path, uids: dict[str, str]) -> list[str]:
-    files = _series(folder, uids["planning_ct_series"])
-    for path in files[:20] + files[21:]:
-        path.unlink()
-    return [_rtstruct(folder).name, uids["planning_ct_series"], "is a single slice (1 file)", "at least 2 slices"]
-
-
-def daily_missing_slice(folder: Path, uids: dict[str, str]) -> list[str]:
-    files = _series(folder, uids["daily_ct_series"])
-    files[20].unlink()
-    return [files[19].name, files[21].name, "slice gap", "slices missing or spacing not uniform"]
-
-
-def daily_duplicate_position(folder: Path, uids: dict[str, str]) -> list[str]:
-    files = _series(folder, uids["daily_ct_series"])
-    _edit([files[21]], ImagePositionPatient=pydicom.dcmread(files[20]).ImagePositionPatient)
-    return [files[20].name, files[21].name, "two slices at the same position", "expected one slice per position"]
-
-
-def daily_uneven_spacing(folder: Path, uids: dict[str, str]) -> list[str]:
-    files = _series(folder, uids["daily_ct_series"])
-    x, y, z = (float(v) for v in pydicom.dcmread(files[20]).ImagePositionPatient)
-    _edit([files[20]], ImagePositionPatient=[x, y, z + 1.5])
-    return [files[19].name, files[20].name, "slice gap", "spacing not uniform"]
-
-
-def daily_gantry_tilt(folder: Path, uids: dict[str, str]) -> list[str]:
-    # every slice tilted by the gantry angle while the slices are stacked along the table: a sheared volume
-    angle = np.radians(10.0)
-    orientation = [1, 0, 0, 0, f"{np.cos(angle):.8f}", f"{np.sin(angle):.8f}"]
-    _edit(_series(folder, uids["daily_ct_series"]), ImageOrientationPatient=orientation, GantryDetectorTilt="10")
-    return ["shifted in-plane", "gantry tilt", "GantryDetectorTilt (0018,1120) 10", "expected slices stacked"]
-
-
-def planning_slice_truncated(folder: Path, uids: dict[str, str]) -> list[str]:
-    path = _series(folder, uids["planning_ct_series"])[20]
-    _cut(path, 0.5)  # cut in the pixel data
-    return [path.name, "truncated or corrupt DICOM file", "(7FE0,0010)", "expected a complete CT slice"]
-
-
-def corrupt_file_with_dicm_prefix(folder: Path, uids: dict[str, str]) -> list[str]:
-    (folder / "CT.broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 16)
-    return ["CT.broken.dcm", "does not tell which series it belongs to", "remove it from"]
-
-
-def rtstruct_truncated(folder: Path, uids: dict[str, str]) -> list[str]:
-    rtstruct = _rtstruct(folder)
-    _cut(rtstruct, 0.5)
-    return [rtstruct.name, "truncated or corrupt DICOM file", "expected a complete RTSTRUCT"]
-
-
-def mim_rtstruct_with_incomplete_ct(folder: Path, uids: dict[str, str]) -> list[str]:
-    # the real MIM export: RTSTRUCT drawn on 5 slices, 2 of them present
-    shutil.rmtree(folder)
-    folder.mkdir()
-    for name in ("dummy_rt.dcm", "ct_1.dcm", "ct_2.dcm"):
-        shutil.copy(MIM / name, folder)
-    return ["dummy_rt.dcm", f"planning CT series {MIM_SERIES} is incomplete", "3 of the 5 images"]
-
-
-def mim_rtstruct_without_series_reference(folder: Path, uids: dict[str, str]) -> list[str]:
-    # non_existent_reference_rt.dcm names no series; with the CT slices of its frame of reference and a daily CT of
-    # its patient it is selected, and then none of its ROIs (ROI-1 .. ROI-4) is a structure
-    daily = _series(folder, uids["daily_ct_series"])
-    for path in folder.iterdir():
-        if path not in daily:
-            path.unlink()
-    _edit(daily, PatientID="PHANTOM_EXAMPLE", PatientName="PHANTOM_EXAMPLE", PatientBirthDate="")
-    for name in ("non_existent_reference_rt.dcm", "ct_1.dcm", "ct_2.dcm"):
-        shutil.copy(MIM / name, folder)
-    return ["non_existent_reference_rt.dcm", "no ROI gives any of the structures", "'ROI-1', 'ROI-2'"]
-
-
-Mutation = Callable[[Path, dict[str, str]], list[str]]
-# One app run per kind of bad input (each run costs ~10 s, mostly importing torch and MONAI); variants that take
-# the same path through the code are tested in the library tests: a planning series that is not CT
-# (test_discovery.py), a daily CT of another patient (test_app.py and test_discovery.py), a slice cut in its header
-# (test_discovery.py; it fails like corrupt_file_with_dicm_prefix), the MIM RTSTRUCT whose series is absent
-# (test_discovery.py; it fails like rtstruct_references_missing_series).
-REFUSED: list[Mutation] = [
-    no_rtstruct,
-    rtstruct_references_missing_series,
-    rtstruct_references_daily_series,
-    rtstruct_of_another_patient,
-    no_roi_maps_to_a_structure,
-    daily_not_ct,
-    planning_single_slice,
-    daily_missing_slice,
-    daily_duplicate_position,
-    daily_uneven_spacing,
-    daily_gantry_tilt,
-    planning_slice_truncated,
-    corrupt_file_with_dicm_prefix,
-    rtstruct_truncated,
-    mim_rtstruct_with_incomplete_ct,
-    mim_rtstruct_without_series_reference,
-]
+    return make_study(tmp_path_factory.mktemp("synth") / "data")
 
 
 def _error_message(stderr: str) -> str:
@@ -229,7 +62,7 @@ def _error_message(stderr: str) -> str:
     return stderr[start:end]
 
 
-@pytest.mark.parametrize("mutate", REFUSED, ids=[m.__name__ for m in REFUSED])
+@pytest.mark.parametrize("mutate", APP_REFUSED, ids=[m.__name__ for m in APP_REFUSED])
 def test_bad_input_is_refused_with_a_clear_message_and_no_output(
     study: Study, bundle: Path, tmp_path: Path, run_app: RunApp, mutate: Mutation
 ) -> None:
@@ -261,7 +94,7 @@ def test_missing_structures_and_unknown_rois_are_reported(
 ) -> None:
     """No rectum, the vesicles under a name no synonym knows: the app proceeds and says so in qa.json."""
     folder = Path(shutil.copytree(study.folder, tmp_path / "in"))
-    edit_rois(_rtstruct(folder), rename={"SV": "Spacer"}, remove=("Rectum",))
+    edit_rois(rtstruct_of(folder), rename={"SV": "Spacer"}, remove=("Rectum",))
     out = tmp_path / "out"
 
     result = run_app(["-i", str(folder), "-o", str(out), "-m", str(bundle)], tmp_path)
