@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.dicom.files import DamagedFileError, read_dicom
 from prostate_jrs.errors import CTSeriesError
 
 __all__ = [

@@ -20,39 +20,48 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from prostate_jrs.dicom.common import (
-    EquipmentInfo,
-    PatientInfo,
-    StudyInfo,
-    add_equipment,
-    add_patient_and_study,
-    atomic_write,
-    dicom_date,
-    dicom_time,
-    ds_list,
-    format_ds,
-    make_uid,
-)
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.modules import EquipmentInfo, PatientInfo, StudyInfo, add_equipment, add_patient_and_study
+from prostate_jrs.dicom.uids import make_uid, package_version
+from prostate_jrs.dicom.values import dicom_date, dicom_time, ds_list, format_ds
 
 __all__ = [
     "PATIENT_POSITIONS",
     "SCANNER",
     "CTSeriesInfo",
     "check_orientation",
+    "synthetic_equipment",
     "write_ct_series",
 ]
 
 PATIENT_POSITIONS: tuple[str, ...] = ("HFS", "FFS", "HFP", "FFP", "HFDR", "HFDL", "FFDR", "FFDL")
 """Patient Position values DICOM defines for CT."""
 
-SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic Pelvis CT",
-    device_serial_number="SYN0001",
-    station_name="SYNCT01",
-    institution_name="prostate-jrs synthetic clinic",
-)
+
+def synthetic_equipment(
+    model_name: str, device_serial_number: str, station_name: str, software_versions: str | None = None
+) -> EquipmentInfo:
+    """A device of the synthetic clinic (manufacturer ``prostate-jrs``) that writes synthetic DICOM data.
+
+    Args:
+        model_name: Manufacturer's Model Name.
+        device_serial_number: Device Serial Number.
+        station_name: Station Name.
+        software_versions: Software Versions; ``None`` for the installed package's version.
+    """
+    return EquipmentInfo(
+        manufacturer="prostate-jrs",
+        model_name=model_name,
+        software_versions=package_version() if software_versions is None else software_versions,
+        device_serial_number=device_serial_number,
+        station_name=station_name,
+        institution_name="prostate-jrs synthetic clinic",
+    )
+
+
+SCANNER = synthetic_equipment("Synthetic Pelvis CT", "SYN0001", "SYNCT01")
 """Equipment written on synthetic CT series by default."""
+
 
 _ORTHONORMAL_TOLERANCE = 1e-4
 

@@ -26,8 +26,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume
+from prostate_jrs.dicom.files import DamagedFileError, read_dicom
 from prostate_jrs.errors import RTStructError
 from prostate_jrs.geometry import image_from_array, world_to_index
 from prostate_jrs.labels import STRUCTURES, Structure, SynonymTable

@@ -15,7 +15,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from prostate_jrs.dicom.common import EquipmentInfo, atomic_write, make_uid, match_slices, package_version
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.modules import EquipmentInfo
+from prostate_jrs.dicom.slices import match_slices
+from prostate_jrs.dicom.uids import make_uid, package_version
 from prostate_jrs.geometry import label_counts
 from prostate_jrs.labels import STRUCTURES, Structure
 
