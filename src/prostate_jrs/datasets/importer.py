@@ -53,9 +53,9 @@ from prostate_jrs.datasets.archive import DailyScan, PatientPlan, patient_invent
 from prostate_jrs.datasets.pseudonyms import PseudonymKey
 from prostate_jrs.datasets.report import ItemReport, PatientReport, read_report, write_report
 from prostate_jrs.datasets.splits import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, split_patients
-from prostate_jrs.dicom.common import DamagedFileError
 from prostate_jrs.dicom.ct_reader import CTSeriesError, CTVolume, read_ct_series
 from prostate_jrs.dicom.discovery import DicomSelectionError, select_session
+from prostate_jrs.dicom.files import DamagedFileError
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.geometry import array_from_image
 from prostate_jrs.labels import LABEL_NAMES, STRUCTURES, SynonymTable

@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,13 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from prostate_jrs.dicom.common import EquipmentInfo, PatientInfo, StudyInfo, make_uid
-from prostate_jrs.dicom.ct_series import CTSeriesInfo, write_ct_series
+from prostate_jrs.dicom.ct_series import CTSeriesInfo, synthetic_equipment, write_ct_series
+from prostate_jrs.dicom.modules import PatientInfo, StudyInfo
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
+from prostate_jrs.dicom.uids import make_uid
 from prostate_jrs.labels import STRUCTURES, Structure
 
+from .dataset import staged_folder
 from .shapes import rotation_matrix
 
 __all__ = [
@@ -93,30 +94,9 @@ _BODY_HU = -400.0  # planning systems outline the body at about -300 to -500 HU
 _FIRST_PLANNING_DAY = dt.date(2026, 1, 5)
 
 # Fixed software versions, not the package's: the same seed gives the same files with any prostate-jrs release.
-PLANNING_SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic CT Simulator",
-    software_versions="SYN-CT 1.0",
-    device_serial_number="SYNSIM01",
-    station_name="CTSIM1",
-    institution_name="prostate-jrs synthetic clinic",
-)
-DAILY_SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic CT-on-rails",
-    software_versions="SYN-CT 1.0",
-    device_serial_number="SYNCOR01",
-    station_name="LINAC3CT",
-    institution_name="prostate-jrs synthetic clinic",
-)
-PLANNING_SYSTEM = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic TPS",
-    software_versions="SYN-TPS 1.0",
-    device_serial_number="SYNTPS01",
-    station_name="TPS01",
-    institution_name="prostate-jrs synthetic clinic",
-)
+PLANNING_SCANNER = synthetic_equipment("Synthetic CT Simulator", "SYNSIM01", "CTSIM1", "SYN-CT 1.0")
+DAILY_SCANNER = synthetic_equipment("Synthetic CT-on-rails", "SYNCOR01", "LINAC3CT", "SYN-CT 1.0")
+PLANNING_SYSTEM = synthetic_equipment("Synthetic TPS", "SYNTPS01", "TPS01", "SYN-TPS 1.0")
 
 
 @dataclass(frozen=True)
@@ -216,9 +196,13 @@ def _patient_info(pid: str, seed: int) -> PatientInfo:
     return PatientInfo(name=f"Phantom^{pid}", patient_id=pid, birth_date=birth, sex="M")
 
 
+_Planning = tuple[list[Path], Path, dict[str, str], dt.date]
+"""What :func:`_write_planning` wrote: CT files, RTSTRUCT, UIDs and the planning day."""
+
+
 def _write_planning(
     ct_dir: Path, rs_dir: Path, pid: str, seed: int, patient: PatientInfo, ct: sitk.Image, labels: sitk.Image
-) -> tuple[list[Path], Path, dict[str, str], dt.date]:
+) -> _Planning:
     """Planning CT series (into ``ct_dir``) and RTSTRUCT (into ``rs_dir``) of one patient."""
     rng = np.random.default_rng([seed, 7002])
     day = _FIRST_PLANNING_DAY + dt.timedelta(days=int(rng.integers(0, 120)))
@@ -368,44 +352,17 @@ def export_dicom_sessions(
     """
     dataset_dir = Path(dataset_dir)
     datalist, phantom, items = _dataset_items(dataset_dir)
-    out_dir = dataset_dir / "dicom"
-    staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(dataset_dir / "dicom") as staging:
         records: list[SessionRecord] = []
-        planning: dict[str, tuple[list[Path], Path, dict[str, str], dt.date]] = {}
+        planning: dict[str, _Planning] = {}
         for item in items:
-            pid, fraction = str(item["patient"]), int(item["fraction"])
-            seed = int(phantom[pid]["seed"])
-            patient = _patient_info(pid, seed)
+            pid = str(item["patient"])
             if pid not in planning:
-                ct = sitk.ReadImage(str(dataset_dir / str(item["moving_image"])))
-                labels = sitk.ReadImage(str(dataset_dir / str(item["moving_label"])))
                 hidden = staging / f".{pid}_planning"  # copied into each session folder
-                planning[pid] = _write_planning(hidden, hidden, pid, seed, patient, ct, labels)
-            ct_files, rs_path, plan_uids, plan_day = planning[pid]
-            folder = staging / f"{pid}_f{fraction:02d}"
-            folder.mkdir()
-            for path in [*ct_files, rs_path]:
-                shutil.copyfile(path, folder / path.name)
-            daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
-            daily_uids, offset, _ = _write_daily(folder, pid, seed, fraction, patient, daily, plan_day)
-            daily_to_dataset = _translation(-offset)
-            bone = setup_transform(phantom[pid]["fractions"][fraction - 1]) @ daily_to_dataset
-            records.append(
-                SessionRecord(
-                    folder=f"dicom/{folder.name}",
-                    patient=pid,
-                    fraction=fraction,
-                    item=dict(item),
-                    uids={**plan_uids, **daily_uids},
-                    planning_to_dataset=np.eye(4).tolist(),
-                    daily_to_dataset=daily_to_dataset.tolist(),
-                    bone_daily_to_planning=np.round(bone, 9).tolist(),
-                )
-            )
+                planning[pid] = _write_planning_of(dataset_dir, item, hidden, hidden, int(phantom[pid]["seed"]))
+            records.append(_write_session(staging, dataset_dir, item, planning[pid], phantom[pid]))
             if progress is not None:
-                progress(f"dicom/{folder.name}: planning CT + RTSTRUCT + daily CT written")
+                progress(f"{records[-1].folder}: planning CT + RTSTRUCT + daily CT written")
         for files, _, _, _ in planning.values():
             shutil.rmtree(files[0].parent)
         manifest = {
@@ -414,11 +371,42 @@ def export_dicom_sessions(
             "sessions": [dataclasses.asdict(record) for record in records],
         }
         (staging / "sessions.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir / "sessions.json"
+    return dataset_dir / "dicom" / "sessions.json"
+
+
+def _write_planning_of(dataset_dir: Path, item: dict[str, Any], ct_dir: Path, rs_dir: Path, seed: int) -> _Planning:
+    """:func:`_write_planning` for the planning scan and contours of a datalist item."""
+    pid = str(item["patient"])
+    ct = sitk.ReadImage(str(dataset_dir / str(item["moving_image"])))
+    labels = sitk.ReadImage(str(dataset_dir / str(item["moving_label"])))
+    return _write_planning(ct_dir, rs_dir, pid, seed, _patient_info(pid, seed), ct, labels)
+
+
+def _write_session(
+    staging: Path, dataset_dir: Path, item: dict[str, Any], planning: _Planning, provenance: dict[str, Any]
+) -> SessionRecord:
+    """One session folder: copies of the planning CT and RTSTRUCT, and the daily CT of ``item``."""
+    pid, fraction = str(item["patient"]), int(item["fraction"])
+    seed = int(provenance["seed"])
+    ct_files, rs_path, plan_uids, plan_day = planning
+    folder = staging / f"{pid}_f{fraction:02d}"
+    folder.mkdir()
+    for path in [*ct_files, rs_path]:
+        shutil.copyfile(path, folder / path.name)
+    daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
+    daily_uids, offset, _ = _write_daily(folder, pid, seed, fraction, _patient_info(pid, seed), daily, plan_day)
+    daily_to_dataset = _translation(-offset)
+    bone = setup_transform(provenance["fractions"][fraction - 1]) @ daily_to_dataset
+    return SessionRecord(
+        folder=f"dicom/{folder.name}",
+        patient=pid,
+        fraction=fraction,
+        item=dict(item),
+        uids={**plan_uids, **daily_uids},
+        planning_to_dataset=np.eye(4).tolist(),
+        daily_to_dataset=daily_to_dataset.tolist(),
+        bone_daily_to_planning=np.round(bone, 9).tolist(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------- archive
@@ -445,18 +433,18 @@ def _write_rtplan(folder: Path, ct_files: list[Path], rs_path: Path, pid: str, s
     from pydicom.dataset import Dataset
     from pydicom.uid import RTPlanStorage, RTStructureSetStorage
 
-    from prostate_jrs.dicom.common import add_equipment, atomic_write, dicom_date, dicom_time, new_derived_instance
+    from prostate_jrs.dicom.files import atomic_write
+    from prostate_jrs.dicom.modules import new_derived_instance
+    from prostate_jrs.dicom.values import dicom_date, dicom_time
 
     uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "planning", "rtplan", *parts)  # noqa: E731
     when = dt.datetime.combine(_weekdays_after(day, 3), dt.time(11, 0, 0))
     first = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
     ds = new_derived_instance(
-        RTPlanStorage, "RTPLAN", first, when, sop_instance_uid=uid("sop"), series_instance_uid=uid("series"),
-        series_number=4, series_description="RT Plan Prostate", operators_name="Dosimetrist^Synthetic",
+        RTPlanStorage, "RTPLAN", first, when, equipment=PLANNING_SYSTEM, sop_instance_uid=uid("sop"),
+        series_instance_uid=uid("series"), series_number=4, series_description="RT Plan Prostate",
+        operators_name="Dosimetrist^Synthetic",
     )  # fmt: skip
-    add_equipment(ds, PLANNING_SYSTEM)
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ""
     ds.RTPlanLabel, ds.RTPlanName = "PROSTATE", "Prostate 78 Gy in 39 fractions"
     ds.RTPlanDate, ds.RTPlanTime = dicom_date(when), dicom_time(when)
     ds.RTPlanGeometry = "PATIENT"
@@ -505,10 +493,8 @@ def _write_archive_patient(
 ) -> dict[str, Any]:  # fmt: skip
     """One patient's export: planning CT, RTSTRUCT and RTPLAN, and per fraction a daily CT with its RTSTRUCT."""
     patient = _patient_info(pid, seed)
-    ct = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_image"])))
-    labels = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_label"])))
     plan = root / pid / "Study_PLAN1"
-    ct_files, rs_path, uids, day = _write_planning(plan / "CT_2", plan / "RTSTRUCT_3", pid, seed, patient, ct, labels)
+    ct_files, rs_path, uids, day = _write_planning_of(dataset_dir, items[0], plan / "CT_2", plan / "RTSTRUCT_3", seed)
     _write_rtplan(plan / "RTPLAN_4", ct_files, rs_path, pid, seed, day)
     fractions = []
     for item in items:
@@ -586,17 +572,13 @@ def export_dicom_archive(
         Path of ``dataset_dir/dicom/archive.json``.
 
     Raises:
-        FileNotFoundError: if ``datalist.json`` or ``phantom.json`` is missing.
-        FileExistsError: if ``dataset_dir/dicom`` exists.
-        ValueError: if the datalist items lack ``patient`` or ``fraction``.
+        FileNotFoundError, FileExistsError, ValueError: as :func:`export_dicom_sessions` (no synthetic dataset in
+            ``dataset_dir``, or ``dataset_dir/dicom`` exists).
     """
     dataset_dir = Path(dataset_dir)
     datalist, phantom, items = _dataset_items(dataset_dir)
-    out_dir = dataset_dir / "dicom"
     pids = sorted({str(item["patient"]) for item in items})
-    staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(dataset_dir / "dicom") as staging:
         patients = {}
         for pid in pids:
             mine = [item for item in items if str(item["patient"]) == pid]
@@ -611,8 +593,4 @@ def export_dicom_archive(
         extras["without_contours"] = f"{pids[-1]} fraction {patients[pids[-1]]['fractions'][-1]['fraction']}"
         manifest = {"readme": ARCHIVE_README, "seed": datalist.get("seed"), "patients": patients, "extras": extras}
         (staging / "archive.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir / "archive.json"
+    return dataset_dir / "dicom" / "archive.json"
