@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from prostate_jrs.dicom.uids import IMPLEMENTATION_CLASS_UID, package_version
 from prostate_jrs.errors import ProstateJRSError
 
-__all__ = ["DamagedFileError", "atomic_write", "file_meta_for", "read_dicom"]
+__all__ = ["DamagedFileError", "atomic_write", "file_meta_for", "read_dicom", "read_whole"]
 
 
 def file_meta_for(ds: Dataset) -> FileMetaDataset:
@@ -170,3 +170,25 @@ def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
     for w in caught:  # a complete file: keep pydicom's warnings visible, as without the check
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return ds
+
+
+def read_whole(path: Path, error: type[Exception], expected: str) -> Dataset:
+    """:func:`read_dicom` for a reader that raises its own exception for a file it cannot use.
+
+    Never part of a damaged file: a cut CT slice loses pixels, a cut structure set ROIs or contours, without an error.
+
+    Args:
+        path: the file.
+        error: the reader's exception type (e.g. ``CTSeriesError``), raised with the file in the message.
+        expected: what the file should have been, ending the message for a damaged file (e.g. ``"a complete RTSTRUCT:
+            re-export it"``).
+
+    Raises:
+        Exception: ``error``, if the file is not DICOM Part 10 or is truncated or corrupt.
+    """
+    try:
+        return read_dicom(path)
+    except pydicom.errors.InvalidDicomError as err:
+        raise error(f"{path}: cannot read as DICOM ({err})") from err
+    except DamagedFileError as err:
+        raise error(f"{path}: truncated or corrupt DICOM file ({err.reason}); expected {expected}") from err
