@@ -650,46 +650,72 @@ def _planning_ct(
             )
         referenced = [planning_series_uid]
     if referenced:
-        present = [inventory.series[uid] for uid in referenced if uid in inventory.series]
-        if not present:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)} (frame of reference "
-                f"{', '.join(rtstruct.frame_of_reference_uids) or 'not given'}), which is not in {inventory.folder}; "
-                f"expected the planning CT series there. Found:\n{inventory.summary()}"
-            )
-        if len(present) > 1 and sum(s.modality == "CT" for s in present) == 1:
-            present = [s for s in present if s.modality == "CT"]  # e.g. contours referencing a CT and a fused MR
-        if len(present) > 1:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references {len(present)} series present in {inventory.folder} "
-                f"({', '.join(s.series_instance_uid for s in present)}); choose one with planning_series_uid"
-            )
-        planning = present[0]
+        planning = _referenced_series(inventory, rtstruct, referenced)
     else:
-        frames = rtstruct.frame_of_reference_uids
-        if not frames:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references neither a series (RTReferencedSeriesSequence (3006,0014)) "
-                "nor a frame of reference (ReferencedFrameOfReferenceSequence (3006,0010)); cannot find its CT"
-            )
-        matches = [s for s in inventory.series.values() if s.modality == "CT" and s.frame_of_reference_uid in frames]
-        if not matches:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and no CT series in "
-                f"{inventory.folder} has its frame of reference {', '.join(frames)}; expected the planning CT there. "
-                f"Found:\n{inventory.summary()}"
-            )
-        if len(matches) > 1:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and {len(matches)} CT "
-                f"series share its frame of reference ({', '.join(s.series_instance_uid for s in matches)}); choose "
-                "one with planning_series_uid"
-            )
-        planning = matches[0]
-        notes.append(
-            f"{rtstruct.path.name} does not reference a series; took the only CT series in its frame of reference, "
-            f"{planning.series_instance_uid}"
+        planning = _only_ct_in_frame(inventory, rtstruct, notes)
+    _check_planning_ct(inventory, rtstruct, planning)
+    return planning
+
+
+def _referenced_series(inventory: DicomInventory, rtstruct: StructureSetInfo, referenced: list[str]) -> SeriesInfo:
+    """The one series of ``referenced`` (the RTSTRUCT's, or the requested one) present in the folder.
+
+    Raises:
+        DicomSelectionError: if none is present, or several (unless exactly one of them is a CT).
+    """
+    present = [inventory.series[uid] for uid in referenced if uid in inventory.series]
+    if not present:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)} (frame of reference "
+            f"{', '.join(rtstruct.frame_of_reference_uids) or 'not given'}), which is not in {inventory.folder}; "
+            f"expected the planning CT series there. Found:\n{inventory.summary()}"
         )
+    if len(present) > 1 and sum(s.modality == "CT" for s in present) == 1:
+        present = [s for s in present if s.modality == "CT"]  # e.g. contours referencing a CT and a fused MR
+    if len(present) > 1:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references {len(present)} series present in {inventory.folder} "
+            f"({', '.join(s.series_instance_uid for s in present)}); choose one with planning_series_uid"
+        )
+    return present[0]
+
+
+def _only_ct_in_frame(inventory: DicomInventory, rtstruct: StructureSetInfo, notes: list[str]) -> SeriesInfo:
+    """The only CT series in the frame of reference of an RTSTRUCT that references no series.
+
+    Raises:
+        DicomSelectionError: if the RTSTRUCT names no frame of reference, or no or several CT series are in it.
+    """
+    frames = rtstruct.frame_of_reference_uids
+    if not frames:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references neither a series (RTReferencedSeriesSequence (3006,0014)) "
+            "nor a frame of reference (ReferencedFrameOfReferenceSequence (3006,0010)); cannot find its CT"
+        )
+    matches = [s for s in inventory.series.values() if s.modality == "CT" and s.frame_of_reference_uid in frames]
+    if not matches:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and no CT series in "
+            f"{inventory.folder} has its frame of reference {', '.join(frames)}; expected the planning CT there. "
+            f"Found:\n{inventory.summary()}"
+        )
+    if len(matches) > 1:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and {len(matches)} CT "
+            f"series share its frame of reference ({', '.join(s.series_instance_uid for s in matches)}); choose "
+            "one with planning_series_uid"
+        )
+    planning = matches[0]
+    notes.append(
+        f"{rtstruct.path.name} does not reference a series; took the only CT series in its frame of reference, "
+        f"{planning.series_instance_uid}"
+    )
+    return planning
+
+
+def _check_planning_ct(inventory: DicomInventory, rtstruct: StructureSetInfo, planning: SeriesInfo) -> None:
+    """Refuse a planning CT that is no CT volume, is in another frame of reference than the RTSTRUCT, or lacks an
+    image the RTSTRUCT's contours were drawn on."""
     if planning.modality != "CT":
         raise DicomSelectionError(
             f"{rtstruct.path}: the referenced series {planning.series_instance_uid} has Modality "
@@ -718,7 +744,6 @@ def _planning_ct(
             f"ContourImageSequence (3006,0016) references are not in {inventory.folder} (e.g. {missing[0]}); "
             f"found {len(planning.files)} file(s) of that series"
         )
-    return planning
 
 
 def _storage_class(path: Path) -> str:
@@ -947,6 +972,20 @@ def select_session(
         damaged = "".join(f"\n  {u.describe()}" for u in inventory.unreadable_files)
         raise DicomSelectionError(f"{err}\nFiles that could not be read (the cause?):{damaged}") from err
     _check_unreadable(inventory, rtstruct, planning, daily, notes)
+    _note_left_out(inventory, planning, daily, notes)
+    return AdaptiveSession(
+        patient_id=planning.patient_id,
+        planning_ct=planning,
+        planning_rtstruct=rtstruct,
+        daily_ct=daily,
+        notes=notes,
+        inventory=inventory,
+    )
+
+
+def _note_left_out(inventory: DicomInventory, planning: SeriesInfo, daily: SeriesInfo, notes: list[str]) -> None:
+    """Note what the selection left out (other patients, skipped and duplicate files) and a daily CT older than the
+    planning CT."""
     others = sorted({s.patient_id for s in inventory.series.values()} - {planning.patient_id})
     if others:
         notes.append(
@@ -965,14 +1004,6 @@ def select_session(
         )
     if planning.datetime and daily.datetime and daily.datetime < planning.datetime:
         notes.append(f"the daily CT ({daily.datetime}) is older than the planning CT ({planning.datetime})")
-    return AdaptiveSession(
-        patient_id=planning.patient_id,
-        planning_ct=planning,
-        planning_rtstruct=rtstruct,
-        daily_ct=daily,
-        notes=notes,
-        inventory=inventory,
-    )
 
 
 def check_one_patient(inventory: DicomInventory) -> None:
