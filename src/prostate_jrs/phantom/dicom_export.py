@@ -200,6 +200,43 @@ _Planning = tuple[list[Path], Path, dict[str, str], dt.date]
 """What :func:`_write_planning` wrote: CT files, RTSTRUCT, UIDs and the planning day."""
 
 
+def _approved_contours(
+    label_and_name: tuple[str, str],
+    series: tuple[str, int],
+    uids: tuple[str, str],
+    when: dt.datetime,
+    operator: str,
+) -> RTStructOptions:
+    """Options of an RTSTRUCT drawn (MANUAL) in the synthetic TPS and approved by the oncologist.
+
+    Args:
+        label_and_name: Structure Set Label and Name.
+        series: Series Description and Number.
+        uids: Series and SOP Instance UIDs.
+        when: Structure Set (and review) date and time.
+        operator: Operators' Name.
+    """
+    return RTStructOptions(
+        generation="MANUAL",
+        algorithm_name="Synthetic TPS",
+        algorithm_version="1.0",
+        structure_set_label=label_and_name[0],
+        structure_set_name=label_and_name[1],
+        series_description=series[0],
+        series_number=series[1],
+        series_instance_uid=uids[0],
+        sop_instance_uid=uids[1],
+        content_datetime=when,
+        operators_name=operator,
+        roi_interpreter="Oncologist^Synthetic",
+        approval_status="APPROVED",
+        reviewer_name="Oncologist^Synthetic",
+        equipment=PLANNING_SYSTEM,
+        skip_empty=True,
+        holes="keyhole",  # read the same by even-odd readers and by readers that take the union (plastimatch)
+    )
+
+
 def _write_planning(
     ct_dir: Path, rs_dir: Path, pid: str, seed: int, patient: PatientInfo, ct: sitk.Image, labels: sitk.Image
 ) -> _Planning:
@@ -226,25 +263,12 @@ def _write_planning(
         protocol_name="RT Prostate Planning",
     )
     ct_files = write_ct_series(ct, ct_dir, patient=patient, study=study, series=series, equipment=PLANNING_SCANNER)
-    contoured = dt.datetime.combine(_weekdays_after(day, 2), dt.time(14, 30, 0))
-    options = RTStructOptions(
-        generation="MANUAL",
-        algorithm_name="Synthetic TPS",
-        algorithm_version="1.0",
-        structure_set_label="RT_PROSTATE",
-        structure_set_name="Prostate planning",
-        series_description="RT Structures Prostate",
-        series_number=3,
-        series_instance_uid=uid("rtstruct series"),
-        sop_instance_uid=uid("rtstruct"),
-        content_datetime=contoured,
-        operators_name="Dosimetrist^Synthetic",
-        roi_interpreter="Oncologist^Synthetic",
-        approval_status="APPROVED",
-        reviewer_name="Oncologist^Synthetic",
-        equipment=PLANNING_SYSTEM,
-        skip_empty=True,
-        holes="keyhole",  # read the same by even-odd readers and by readers that take the union (plastimatch)
+    options = _approved_contours(
+        ("RT_PROSTATE", "Prostate planning"),
+        ("RT Structures Prostate", 3),
+        (uid("rtstruct series"), uid("rtstruct")),
+        dt.datetime.combine(_weekdays_after(day, 2), dt.time(14, 30, 0)),
+        "Dosimetrist^Synthetic",
     )
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     masks = {s.name: sitk.BinaryThreshold(labels, s.label, s.label, 1, 0) for s in STRUCTURES}
@@ -472,14 +496,13 @@ def _write_daily_rtstruct(
     uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "daily", fraction, "rtstruct", *parts)  # noqa: E731
     shifted = sitk.Cast(labels, sitk.sitkUInt8)
     shifted.SetOrigin(tuple(float(o) for o in np.asarray(labels.GetOrigin()) + offset))
-    options = RTStructOptions(
-        generation="MANUAL", algorithm_name="Synthetic TPS", algorithm_version="1.0",
-        structure_set_label=f"FX{fraction}_ADAPT", structure_set_name=f"Fraction {fraction} approved",
-        series_description=f"RT Structures Fx{fraction}", series_number=2, series_instance_uid=uid("series"),
-        sop_instance_uid=uid("sop"), content_datetime=when + dt.timedelta(minutes=20),
-        operators_name="Therapist^Synthetic", roi_interpreter="Oncologist^Synthetic", approval_status="APPROVED",
-        reviewer_name="Oncologist^Synthetic", equipment=PLANNING_SYSTEM, skip_empty=True, holes="keyhole",
-    )  # fmt: skip
+    options = _approved_contours(
+        (f"FX{fraction}_ADAPT", f"Fraction {fraction} approved"),
+        (f"RT Structures Fx{fraction}", 2),
+        (uid("series"), uid("sop")),
+        when + dt.timedelta(minutes=20),
+        "Therapist^Synthetic",
+    )
     headers = _read_headers(sorted(ct_folder.glob("CT.*.dcm")))
     with _without_value_validation():
         return write_rtstruct(
