@@ -283,17 +283,7 @@ def read_rtstruct(
         _check_contour_images(ds, reference, path, notes)
 
     size = tuple(int(n) for n in image.GetSize())
-    observations = {
-        _roi_number(o, "ReferencedROINumber", path, f"RTROIObservationsSequence (3006,0080) item {n}"): str(
-            o.get("RTROIInterpretedType", "") or ""
-        )
-        for n, o in enumerate(ds.get("RTROIObservationsSequence", []), start=1)
-        if "ReferencedROINumber" in o
-    }
-    contours_by_roi: dict[int, Dataset] = {}
-    for n, item in enumerate(ds.get("ROIContourSequence", []), start=1):
-        number = _roi_number(item, "ReferencedROINumber", path, f"ROIContourSequence (3006,0039) item {n}")
-        contours_by_roi[number] = item
+    observations, contours_by_roi = _by_roi_number(ds, path)
     wanted = set(roi_names or ())
 
     rois: list[ROIInfo] = []
@@ -328,6 +318,26 @@ def read_rtstruct(
         notes=notes,
         reference=image,
     )
+
+
+def _by_roi_number(ds: Dataset, path: Path) -> tuple[dict[int, str], dict[int, Dataset]]:
+    """RT ROI Interpreted Type and ROI Contour item of each ROI number.
+
+    Raises:
+        RTStructError: if an item's ROI number is missing or invalid.
+    """
+    observations = {
+        _roi_number(o, "ReferencedROINumber", path, f"RTROIObservationsSequence (3006,0080) item {n}"): str(
+            o.get("RTROIInterpretedType", "") or ""
+        )
+        for n, o in enumerate(ds.get("RTROIObservationsSequence", []), start=1)
+        if "ReferencedROINumber" in o
+    }
+    contours_by_roi: dict[int, Dataset] = {}
+    for n, item in enumerate(ds.get("ROIContourSequence", []), start=1):
+        number = _roi_number(item, "ReferencedROINumber", path, f"ROIContourSequence (3006,0039) item {n}")
+        contours_by_roi[number] = item
+    return observations, contours_by_roi
 
 
 def _check_frame_of_reference(ds: Dataset, path: Path, reference_frame: str) -> None:

@@ -32,10 +32,11 @@ from pydicom.uid import RTStructureSetStorage
 from skimage import measure
 
 from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.label_maps import known_label_values
 from prostate_jrs.dicom.modules import NewSeriesOptions, image_reference, new_series_instance
 from prostate_jrs.dicom.slices import match_slices
 from prostate_jrs.dicom.values import code_item, dicom_date, dicom_time, ds_list
-from prostate_jrs.geometry import array_view, index_to_world, label_box, label_counts
+from prostate_jrs.geometry import array_view, index_to_world, label_box
 from prostate_jrs.labels import STRUCTURES, Structure, structure_by_name
 
 __all__ = [
@@ -212,12 +213,7 @@ def _masks_from_input(
         if label_map.GetDimension() != 3 or label_map.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError("label_map must be a scalar 3D image of integer labels")
         labels = array_view(label_map)
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"label_map must have an integer pixel type, got {label_map.GetPixelIDTypeAsString()}")
-        known = {0} | {s.label for s in STRUCTURES} | {s.label for s in structures}
-        unknown = sorted(set(_label_values(labels)) - known)
-        if unknown:
-            raise ValueError(f"label_map has labels {unknown}; expected only {sorted(known)}")
+        known_label_values(labels, label_map, structures)
         outer = label_box(labels)  # all structures lie in here: each mask is made from this box only
         if outer is None:
             return label_map, [_cropped(s, np.zeros((0, 0, 0), dtype=bool)) for s in structures]
@@ -244,13 +240,6 @@ def _masks_from_input(
     if grid is None:
         raise ValueError("no masks given; expected a label map or a mapping of structure name to mask")
     return grid, masks
-
-
-def _label_values(labels: np.ndarray) -> list[int]:
-    """The values of an integer map (a histogram for uint8: no sort of millions of voxels)."""
-    if labels.dtype == np.uint8:
-        return np.flatnonzero(label_counts(labels)).tolist()
-    return np.unique(labels).tolist()
 
 
 def _roi_items(

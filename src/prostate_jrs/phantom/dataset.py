@@ -115,6 +115,22 @@ def _write_patient(patient: Patient, folder: Path) -> list[dict[str, object]]:
     return items
 
 
+def _datalist(seed: int, split: dict[str, list[str]], items: dict[str, list[dict[str, object]]]) -> dict[str, object]:
+    """``datalist.json``: dataset description and conventions, and each patient's items in its part of the split."""
+    datalist: dict[str, object] = {
+        "name": "prostate-jrs synthetic pelvis",
+        "description": "Synthetic planning/daily pelvic CT pairs with known deformation (prostate_jrs.phantom)",
+        "seed": seed,
+        "modality": {"0": "CT"},
+        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+        "ddf_convention": DDF_CONVENTION,
+        "rigid_convention": RIGID_CONVENTION,
+    }
+    for part in ("training", "validation", "test"):
+        datalist[part] = [item for pid in split[part] for item in items[pid]]
+    return datalist
+
+
 def check_count(name: str, value: object, minimum: int = 1) -> None:
     """Refuse a count or seed that is not a whole number of at least ``minimum`` (0 or 1).
 
@@ -199,18 +215,7 @@ def write_dataset(
             }
             if progress is not None:
                 progress(f"{pid}: planning + {n_fractions} fractions written")
-        split = split_patients(ids, seed)
-        datalist: dict[str, object] = {
-            "name": "prostate-jrs synthetic pelvis",
-            "description": "Synthetic planning/daily pelvic CT pairs with known deformation (prostate_jrs.phantom)",
-            "seed": seed,
-            "modality": {"0": "CT"},
-            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
-            "ddf_convention": DDF_CONVENTION,
-            "rigid_convention": RIGID_CONVENTION,
-        }
-        for part in ("training", "validation", "test"):
-            datalist[part] = [item for pid in split[part] for item in items[pid]]
+        datalist = _datalist(seed, split_patients(ids, seed), items)
         (staging / "phantom.json").write_text(
             json.dumps(_jsonable({"config": dataclasses.asdict(config), "patients": provenance}), indent=1)
         )
