@@ -14,7 +14,7 @@ Safety rules that no option switches off: series of different patients are never
 Patient's Name, Birth Date and Issuer of Patient ID where both sides have them), and the RTSTRUCT's frame of
 reference must be the planning CT's. Series of other patients in the folder are left out and reported.
 
-Files with the DICOM prefix that are truncated or corrupt (:func:`prostate_jrs.dicom.common.read_dicom`) are never
+Files with the DICOM prefix that are truncated or corrupt (:func:`prostate_jrs.dicom.files.read_dicom`) are never
 silently dropped: one that belongs to a selected series, or whose series cannot be told, stops the selection with
 its path (the selected CT could otherwise miss a slice, or a newer RTSTRUCT be overlooked); one that what remains of
 its header places in another patient's or another, unselected series is left out with a note.

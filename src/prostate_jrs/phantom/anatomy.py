@@ -113,10 +113,12 @@ class _Body:
 
     @property
     def front(self) -> float:
+        """Anterior skin surface (y, mm)."""
         return self.y - self.semi_ap
 
     @property
     def back(self) -> float:
+        """Posterior skin surface (y, mm)."""
         return self.y + self.semi_ap
 
 
@@ -137,7 +139,7 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
     layers: list[Layer] = []
     bones: list[Shape] = []
     body = _add_body(rng, layers, p)
-    hx = rng.uniform(85, 95)  # femoral head centre |x|
+    hx = rng.uniform(85, 95)  # femoral head centre |x|, used by the bones but drawn here, in its place in the order
     _add_muscles(rng, layers, p, body, muscle_hu)
     _add_bowel(rng, layers, body)
     prostate_angles = _add_pelvic_floor(rng, layers, p, muscle_hu)

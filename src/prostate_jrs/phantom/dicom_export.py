@@ -22,7 +22,7 @@ ROIs of the structure set: ``Prostate``, ``SV``, ``Rectum``, ``Bladder`` (names 
 they map through :class:`prostate_jrs.labels.SynonymTable`) and ``BODY`` (External, the outline a planning system
 makes for dose calculation; it maps to no structure, so readers report it as unmapped and ignore it).
 
-Everything is deterministic from the dataset's seeds: UIDs (:func:`prostate_jrs.dicom.common.make_uid`), dates,
+Everything is deterministic from the dataset's seeds: UIDs (:func:`prostate_jrs.dicom.uids.make_uid`), dates,
 names and table offsets, so the same ``synth`` command gives byte-identical files.
 """
 
@@ -164,7 +164,7 @@ def _body_mask(ct: sitk.Image) -> sitk.Image:
 def _without_value_validation() -> Iterator[None]:
     """Skip pydicom's per-value checks while building datasets (restored afterwards).
 
-    The writers format every Decimal String with :func:`prostate_jrs.dicom.common.format_ds`, so the checks find
+    The writers format every Decimal String with :func:`prostate_jrs.dicom.values.format_ds`, so the checks find
     nothing, yet at clinical size (a BODY outline of ~100k contour coordinates) they take 40 % of the RTSTRUCT time.
     The written files are still checked by ``dciodvfy`` in the tests.
     """
