@@ -38,13 +38,13 @@ import torch
 from prostate_jrs import output_folder
 from prostate_jrs.adaptation.patient_bundle import check_bundle_patient, model_summary
 from prostate_jrs.backends import resolve_backend
-from prostate_jrs.dicom.common import package_version
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
 from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
 from prostate_jrs.dicom.registration import RegistrationOptions, registration_grid, write_deformable_registration
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.seg_writer import SegOptions, write_seg
+from prostate_jrs.dicom.uids import package_version
 from prostate_jrs.errors import ProstateJRSError
 from prostate_jrs.labels import STRUCTURES, SynonymTable
 from prostate_jrs.output_folder import discard, new_staging

@@ -12,6 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 
 from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.dicom.files import read_whole
 
 FIXTURES = Path(__file__).resolve().parents[2] / "../shared/fixtures/real/rtstruct_mim"
 
@@ -78,3 +79,18 @@ def test_cut_inside_an_undefined_length_sequence_is_refused(tmp_path: Path) -> N
     assert len(read_dicom(whole).StructureSetROISequence) == 40
     with pytest.raises(DamagedFileError, match=r"cut\.dcm: truncated or corrupt"):
         read_dicom(_cut(whole, tmp_path / "cut.dcm", 0.5))
+
+
+class _ReaderError(Exception):
+    pass
+
+
+def test_read_whole_raises_the_readers_own_error(tmp_path: Path) -> None:
+    assert read_whole(FIXTURES / "ct_1.dcm", _ReaderError, "a slice").Modality == "CT"
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM at all")
+    with pytest.raises(_ReaderError, match=r"notes\.txt: cannot read as DICOM"):
+        read_whole(text, _ReaderError, "a slice")
+    cut = _cut(FIXTURES / "ct_1.dcm", tmp_path / "half.dcm", 0.5)
+    with pytest.raises(_ReaderError, match=r"half\.dcm: truncated or corrupt DICOM file \(.*\); expected a slice$"):
+        read_whole(cut, _ReaderError, "a slice")

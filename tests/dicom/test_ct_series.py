@@ -172,3 +172,13 @@ def test_written_files_are_readable_by_other_users(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_synthetic_equipment() -> None:
+    from prostate_jrs.dicom.ct_series import SCANNER, synthetic_equipment
+    from prostate_jrs.dicom.uids import package_version
+
+    device = synthetic_equipment("Model", "SN1", "ST1", "SW 2")
+    assert (device.manufacturer, device.institution_name) == ("prostate-jrs", "prostate-jrs synthetic clinic")
+    assert (device.model_name, device.device_serial_number, device.station_name) == ("Model", "SN1", "ST1")
+    assert device.software_versions == "SW 2" and SCANNER.software_versions == package_version()

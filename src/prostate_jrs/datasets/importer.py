@@ -53,9 +53,9 @@ from prostate_jrs.datasets.archive import DailyScan, PatientPlan, patient_invent
 from prostate_jrs.datasets.pseudonyms import PseudonymKey
 from prostate_jrs.datasets.report import ItemReport, PatientReport, read_report, write_report
 from prostate_jrs.datasets.splits import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, split_patients
-from prostate_jrs.dicom.common import DamagedFileError
 from prostate_jrs.dicom.ct_reader import CTSeriesError, CTVolume, read_ct_series
-from prostate_jrs.dicom.discovery import DicomSelectionError, select_session
+from prostate_jrs.dicom.discovery import DicomInventory, DicomSelectionError, select_session
+from prostate_jrs.dicom.files import DamagedFileError
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.geometry import array_from_image
 from prostate_jrs.labels import LABEL_NAMES, STRUCTURES, SynonymTable
@@ -521,13 +521,7 @@ def import_archive(
     private = Path(private_dir) if private_dir is not None else out_dir.with_name(f"{out_dir.name}-private")
     _prepare(root, out_dir, private)
     inventory = scan_archive(root)
-    plans = [
-        plan_patient(
-            pid, part, archive_structure_sets=inventory.structure_sets, rule=settings.planning_rule,
-            override=settings.planning_overrides.get(pid),
-        )
-        for pid, part in patient_inventories(inventory).items()
-    ]  # fmt: skip
+    plans = _plan_patients(inventory, settings)
     key = PseudonymKey(private / "pseudonym_key.csv")
     pseudonyms = {plan.patient_id: key.pseudonym(plan.patient_id) for plan in plans}
     key.save()  # before any file is written under a pseudonym
@@ -539,13 +533,7 @@ def import_archive(
             reports[plan.patient_id] = done
         else:
             tasks.append((plan, pseudonym, fingerprint))
-    archive = {
-        "root": str(root),
-        "non_dicom_files": [str(p) for p in inventory.non_dicom_files],
-        "duplicate_files": len(inventory.duplicate_files),
-        "dicomdir_files": [str(p) for p in inventory.dicomdir_files],
-        "hidden": [str(p) for p in inventory.hidden],
-    }
+    archive = _archive_summary(root, inventory)
     bar = tqdm(total=len(plans), initial=len(reports), unit="patient", desc="import", disable=_disabled(show_progress))
 
     def on_done(report: PatientReport) -> None:
@@ -559,6 +547,28 @@ def import_archive(
     datalist = write_datalist(out_dir, settings, keep)
     files = write_report(reports.values(), private, archive)
     return ImportResult(out_dir, datalist, private, sorted(reports.values(), key=lambda r: r.patient_key), files)
+
+
+def _plan_patients(inventory: DicomInventory, settings: ImportSettings) -> list[PatientPlan]:
+    """What to import of each patient of the archive (planning choice by the settings' rule and overrides)."""
+    return [
+        plan_patient(
+            pid, part, archive_structure_sets=inventory.structure_sets, rule=settings.planning_rule,
+            override=settings.planning_overrides.get(pid),
+        )
+        for pid, part in patient_inventories(inventory).items()
+    ]  # fmt: skip
+
+
+def _archive_summary(root: Path, inventory: DicomInventory) -> dict[str, Any]:
+    """What the report says about the archive as a whole: files that were not read, and why."""
+    return {
+        "root": str(root),
+        "non_dicom_files": [str(p) for p in inventory.non_dicom_files],
+        "duplicate_files": len(inventory.duplicate_files),
+        "dicomdir_files": [str(p) for p in inventory.dicomdir_files],
+        "hidden": [str(p) for p in inventory.hidden],
+    }
 
 
 def _disabled(show_progress: bool | None) -> bool | None:

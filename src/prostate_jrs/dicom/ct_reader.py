@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.dicom.files import read_whole
 from prostate_jrs.errors import CTSeriesError
 
 __all__ = [
@@ -118,17 +118,8 @@ def tag_name(keyword: str) -> str:
 
 
 def _read_file(path: Path) -> Dataset:
-    try:
-        ds = read_dicom(path)
-    except pydicom.errors.InvalidDicomError as err:
-        raise CTSeriesError(f"{path}: cannot read as DICOM ({err})") from err
-    except DamagedFileError as err:
-        # a slice of the series that cannot be read completely: never drop it (the volume would miss a slice) and
-        # never use its partial pixels
-        raise CTSeriesError(
-            f"{path}: truncated or corrupt DICOM file ({err.reason}); expected a complete CT slice: re-export the "
-            "series or remove the file"
-        ) from err
+    # a slice that cannot be read completely is never dropped: the volume would miss a slice
+    ds = read_whole(path, CTSeriesError, "a complete CT slice: re-export the series or remove the file")
     if "PixelData" not in ds:
         # a file cut exactly between two elements loses its last ones; for a CT slice that is the pixel data
         raise CTSeriesError(
@@ -252,7 +243,42 @@ def read_ct_series(
         raise CTSeriesError("no files given for the CT series")
     paths = [Path(f) for f in files]
     datasets = [_read_file(p) for p in paths]
+    _check_slices(datasets, paths, expected_modality)
+    first, first_path = datasets[0], paths[0]
+    try:
+        normal = slice_normal(first.ImageOrientationPatient)
+    except ValueError as err:
+        raise CTSeriesError(f"{first_path}: {err}") from err
+    iop = _numbers(first, first_path, "ImageOrientationPatient", 6)
+    row_cos, col_cos = iop[:3], iop[3:]
+    positions = np.asarray([_numbers(d, p, "ImagePositionPatient", 3) for d, p in zip(datasets, paths, strict=True)])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    datasets = [datasets[i] for i in order]
+    paths = [paths[i] for i in order]
+    positions, along = positions[order], along[order]
+    _check_not_sheared(first, first_path, paths, positions, row_cos, col_cos)
+    notes: list[str] = []
+    step = _slice_step(datasets, paths, along, spacing_tolerance, notes)
+    volume = _hu_volume(datasets, paths, notes)
 
+    image = sitk.GetImageFromArray(volume)
+    pixel_spacing = _numbers(first, first_path, "PixelSpacing", 2)
+    # PixelSpacing is (between rows, between columns) = (spacing along J, spacing along I)
+    image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))
+    image.SetOrigin(tuple(float(v) for v in positions[0]))
+    image.SetDirection(tuple(np.stack([row_cos, col_cos, normal], axis=1).ravel().tolist()))
+    for keyword, key in METADATA_KEYS.items():
+        image.SetMetaData(key, str(first.get(keyword, "")))
+    return CTVolume(image=image, datasets=datasets, files=paths, notes=notes)
+
+
+def _check_slices(datasets: list[Dataset], paths: list[Path], expected_modality: str | None) -> None:
+    """Refuse files that are not single-frame slices of one series with one orientation and pixel spacing.
+
+    Raises:
+        CTSeriesError: naming the file and the attribute that is missing, malformed or differs from the first file.
+    """
     first, first_path = datasets[0], paths[0]
     for ds, path in zip(datasets, paths, strict=True):  # before any other check: a multi-frame object is named
         if _integer(ds, path, "NumberOfFrames", default=1) > 1:
@@ -296,19 +322,16 @@ def read_ct_series(
                 f"{path}: PixelSpacing {list(pixel_spacing)} differs from {list(first.PixelSpacing)} in {first_path}"
             )
 
-    try:
-        normal = slice_normal(first.ImageOrientationPatient)
-    except ValueError as err:
-        raise CTSeriesError(f"{first_path}: {err}") from err
-    iop = _numbers(first, first_path, "ImageOrientationPatient", 6)
-    row_cos, col_cos = iop[:3], iop[3:]
-    positions = np.asarray([_numbers(d, p, "ImagePositionPatient", 3) for d, p in zip(datasets, paths, strict=True)])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    datasets = [datasets[i] for i in order]
-    paths = [paths[i] for i in order]
-    positions, along = positions[order], along[order]
 
+def _check_not_sheared(
+    first: Dataset, first_path: Path, paths: list[Path], positions: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray
+) -> None:
+    """Refuse a stack whose slices (``paths`` and ``positions`` in slice order) shift in-plane: a gantry tilt or a
+    sheared stack. ``first`` is the series' first file as given, whose header speaks for the series.
+
+    Raises:
+        CTSeriesError: naming the first shifted slice (and the recorded gantry tilt, if any).
+    """
     # In-plane offsets must not change from slice to slice: otherwise the stack is sheared (gantry tilt)
     in_plane = positions @ np.stack([row_cos, col_cos], axis=1)
     shift = np.abs(in_plane - in_plane[0]).max(axis=1)
@@ -324,7 +347,17 @@ def read_ct_series(
             "ImageOrientationPatient (0020,0037)"
         )
 
-    notes: list[str] = []
+
+def _slice_step(
+    datasets: list[Dataset], paths: list[Path], along: np.ndarray, spacing_tolerance: float, notes: list[str]
+) -> float:
+    """The slice spacing: the mean gap of a regular stack (sorted positions ``along`` the normal), else the header's.
+
+    Raises:
+        CTSeriesError: if two slices share a position, a gap is irregular (missing slices) or a single slice's spacing
+            is not positive.
+    """
+    first, first_path = datasets[0], paths[0]
     if len(datasets) > 1:
         gaps = np.diff(along)
         duplicate = np.flatnonzero(gaps < _SPACING_TOLERANCE_MM)
@@ -349,7 +382,18 @@ def read_ct_series(
         if step <= 0:
             raise CTSeriesError(f"{first_path}: {keyword} {tag_name(keyword)} {step}; expected a positive spacing")
         notes.append(f"{paths[0]}: single-slice series; slice spacing {step} mm taken from the header")
+    return step
 
+
+def _hu_volume(datasets: list[Dataset], paths: list[Path], notes: list[str]) -> np.ndarray:
+    """HU of the slices in order, ``(K, rows, columns)``: int16 where the rescale keeps integers in range, else float32.
+
+    The pixel data is dropped from the headers once read (they are kept for referencing).
+
+    Raises:
+        CTSeriesError: if a slice cannot be decoded or has another shape.
+    """
+    first = datasets[0]
     slices = []
     slopes, intercepts = [], []
     for ds, path in zip(datasets, paths, strict=True):
@@ -376,12 +420,4 @@ def read_ct_series(
         volume = hu.astype(np.int16)
     else:
         volume = hu.astype(np.float32)
-
-    image = sitk.GetImageFromArray(volume)
-    # PixelSpacing is (between rows, between columns) = (spacing along J, spacing along I)
-    image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))
-    image.SetOrigin(tuple(float(v) for v in positions[0]))
-    image.SetDirection(tuple(np.stack([row_cos, col_cos, normal], axis=1).ravel().tolist()))
-    for keyword, key in METADATA_KEYS.items():
-        image.SetMetaData(key, str(first.get(keyword, "")))
-    return CTVolume(image=image, datasets=datasets, files=paths, notes=notes)
+    return volume

@@ -20,39 +20,48 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from prostate_jrs.dicom.common import (
-    EquipmentInfo,
-    PatientInfo,
-    StudyInfo,
-    add_equipment,
-    add_patient_and_study,
-    atomic_write,
-    dicom_date,
-    dicom_time,
-    ds_list,
-    format_ds,
-    make_uid,
-)
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.modules import EquipmentInfo, PatientInfo, StudyInfo, add_equipment, add_patient_and_study
+from prostate_jrs.dicom.uids import make_uid, package_version
+from prostate_jrs.dicom.values import dicom_date, dicom_time, ds_list, format_ds
 
 __all__ = [
     "PATIENT_POSITIONS",
     "SCANNER",
     "CTSeriesInfo",
     "check_orientation",
+    "synthetic_equipment",
     "write_ct_series",
 ]
 
 PATIENT_POSITIONS: tuple[str, ...] = ("HFS", "FFS", "HFP", "FFP", "HFDR", "HFDL", "FFDR", "FFDL")
 """Patient Position values DICOM defines for CT."""
 
-SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic Pelvis CT",
-    device_serial_number="SYN0001",
-    station_name="SYNCT01",
-    institution_name="prostate-jrs synthetic clinic",
-)
+
+def synthetic_equipment(
+    model_name: str, device_serial_number: str, station_name: str, software_versions: str | None = None
+) -> EquipmentInfo:
+    """A device of the synthetic clinic (manufacturer ``prostate-jrs``) that writes synthetic DICOM data.
+
+    Args:
+        model_name: Manufacturer's Model Name.
+        device_serial_number: Device Serial Number.
+        station_name: Station Name.
+        software_versions: Software Versions; ``None`` for the installed package's version.
+    """
+    return EquipmentInfo(
+        manufacturer="prostate-jrs",
+        model_name=model_name,
+        software_versions=package_version() if software_versions is None else software_versions,
+        device_serial_number=device_serial_number,
+        station_name=station_name,
+        institution_name="prostate-jrs synthetic clinic",
+    )
+
+
+SCANNER = synthetic_equipment("Synthetic Pelvis CT", "SYN0001", "SYNCT01")
 """Equipment written on synthetic CT series by default."""
+
 
 _ORTHONORMAL_TOLERANCE = 1e-4
 
@@ -158,7 +167,7 @@ def write_ct_series(
         ValueError: if the image is not a scalar 3D image with orthonormal direction, the patient position is
             unknown, or the HU values do not fit 16 bits.
     """
-    direction = check_orientation(image)
+    check_orientation(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"expected a scalar CT image, got {image.GetNumberOfComponentsPerPixel()} components")
     if series.patient_position not in PATIENT_POSITIONS:
@@ -167,12 +176,8 @@ def write_ct_series(
     if not np.issubdtype(array.dtype, np.integer):
         array = np.rint(array)
     stored, pixel_representation, intercept = _hu_to_stored(array)
-
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
     series_uid = series.series_instance_uid or make_uid()
     when = series.series_datetime or study.study_datetime
-    iop = ds_list([*direction[:, 0], *direction[:, 1]])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -180,17 +185,9 @@ def write_ct_series(
     try:
         staged: list[tuple[Path, Path]] = []
         for k in range(stored.shape[0]):
-            ds = _slice_dataset(
-                stored[k], k, series_uid, when, patient, study, series, equipment, pixel_representation, intercept
-            )
-            position = origin + k * spacing[2] * direction[:, 2]
-            ds.ImageOrientationPatient = iop
-            ds.ImagePositionPatient = ds_list(position)
-            ds.PixelSpacing = ds_list([spacing[1], spacing[0]])
-            ds.SliceThickness = format_ds(spacing[2])
-            ds.SpacingBetweenSlices = format_ds(spacing[2])
-            # Slice Location: signed distance along the slice normal, as scanners write it
-            ds.SliceLocation = format_ds(float(np.dot(position, np.cross(direction[:, 0], direction[:, 1]))))
+            ds = _slice_dataset(k, series_uid, when, patient, study, series, equipment)
+            _add_ct_pixels(ds, stored[k], pixel_representation, intercept, series.kvp)
+            _add_image_plane(ds, image, k)
             name = f"CT.{ds.SOPInstanceUID}.dcm"
             staged.append((atomic_write(ds, tmp_dir / name), out_dir / name))
         for tmp_path, final_path in staged:
@@ -201,8 +198,41 @@ def write_ct_series(
             shutil.rmtree(tmp_dir)
 
 
+def _add_image_plane(ds: Dataset, image: sitk.Image, k: int) -> None:
+    """Image Plane module of slice ``k`` of ``image`` (see :func:`write_ct_series` for the geometry)."""
+    direction = check_orientation(image)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    position = np.asarray(image.GetOrigin(), dtype=np.float64) + k * spacing[2] * direction[:, 2]
+    ds.ImageOrientationPatient = ds_list([*direction[:, 0], *direction[:, 1]])
+    ds.ImagePositionPatient = ds_list(position)
+    ds.PixelSpacing = ds_list([spacing[1], spacing[0]])
+    ds.SliceThickness = format_ds(spacing[2])
+    ds.SpacingBetweenSlices = format_ds(spacing[2])
+    # Slice Location: signed distance along the slice normal, as scanners write it
+    ds.SliceLocation = format_ds(float(np.dot(position, np.cross(direction[:, 0], direction[:, 1]))))
+
+
+def _add_ct_pixels(ds: Dataset, pixels: np.ndarray, pixel_representation: int, intercept: int, kvp: float) -> None:
+    """Image Pixel and CT Image modules of one slice of stored values (see :func:`_hu_to_stored`)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = pixel_representation
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.RescaleIntercept = str(intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.KVP = format_ds(kvp)
+    ds.ConvolutionKernel = "STANDARD"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.WindowCenterWidthExplanation = "SOFT TISSUE"
+
+
 def _slice_dataset(
-    pixels: np.ndarray,
     k: int,
     series_uid: str,
     when: dt.datetime,
@@ -210,10 +240,8 @@ def _slice_dataset(
     study: StudyInfo,
     series: CTSeriesInfo,
     equipment: EquipmentInfo,
-    pixel_representation: int,
-    intercept: int,
 ) -> Dataset:
-    """All modules of one CT slice except Image Plane."""
+    """SOP Common, Patient, Study, Series, Frame of Reference, Equipment and General Image modules of slice ``k``."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = CTImageStorage
@@ -244,22 +272,4 @@ def _slice_dataset(
     ds.AcquisitionTime = dicom_time(when)
     ds.ContentDate = dicom_date(when)
     ds.ContentTime = dicom_time(when)
-    # Image Pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = pixel_representation
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    # CT Image
-    ds.RescaleIntercept = str(intercept)
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    ds.KVP = format_ds(series.kvp)
-    ds.ConvolutionKernel = "STANDARD"
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
-    ds.WindowCenterWidthExplanation = "SOFT TISSUE"
     return ds

@@ -14,7 +14,7 @@ Safety rules that no option switches off: series of different patients are never
 Patient's Name, Birth Date and Issuer of Patient ID where both sides have them), and the RTSTRUCT's frame of
 reference must be the planning CT's. Series of other patients in the folder are left out and reported.
 
-Files with the DICOM prefix that are truncated or corrupt (:func:`prostate_jrs.dicom.common.read_dicom`) are never
+Files with the DICOM prefix that are truncated or corrupt (:func:`prostate_jrs.dicom.files.read_dicom`) are never
 silently dropped: one that belongs to a selected series, or whose series cannot be told, stops the selection with
 its path (the selected CT could otherwise miss a slice, or a newer RTSTRUCT be overlooked); one that what remains of
 its header places in another patient's or another, unselected series is left out with a note.
@@ -25,16 +25,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from prostate_jrs.dicom.common import DamagedFileError, read_dicom
+from prostate_jrs.dicom.files import DamagedFileError, read_dicom
 from prostate_jrs.errors import DicomSelectionError
 
 __all__ = [
@@ -338,6 +339,25 @@ def _iter_files(folder: Path, hidden: list[Path]) -> Iterable[Path]:
                 yield Path(root) / name
 
 
+class _PatientAndStudy(TypedDict):
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    issuer_of_patient_id: str
+    study_instance_uid: str
+
+
+def _patient_and_study(ds: Dataset) -> _PatientAndStudy:
+    """The patient identity and study of a header, as :class:`SeriesInfo` and :class:`StructureSetInfo` hold them."""
+    return _PatientAndStudy(
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+    )
+
+
 def _structure_set_info(ds: Dataset, path: Path) -> StructureSetInfo:
     frames: list[str] = []
     images: dict[str, list[str]] = {}
@@ -365,11 +385,7 @@ def _structure_set_info(ds: Dataset, path: Path) -> StructureSetInfo:
         path=path,
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        **_patient_and_study(ds),
         label=_text(ds, "StructureSetLabel"),
         datetime=when,
         frame_of_reference_uids=list(dict.fromkeys(frames)),
@@ -387,11 +403,7 @@ def _add_image(inventory: DicomInventory, ds: Dataset, path: Path) -> None:
         series = SeriesInfo(
             series_instance_uid=uid,
             modality=_text(ds, "Modality"),
-            patient_id=_text(ds, "PatientID"),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            **_patient_and_study(ds),
             study_date=_text(ds, "StudyDate"),
             study_time=_text(ds, "StudyTime"),
             series_date=_text(ds, "SeriesDate"),
@@ -554,6 +566,31 @@ def _check_same_patient(
             )
 
 
+_Dated = TypeVar("_Dated", SeriesInfo, StructureSetInfo)
+
+
+def _by_datetime(
+    candidates: list[_Dated], undated: Callable[[_Dated], str], tie: Callable[[_Dated, _Dated], str]
+) -> list[_Dated]:
+    """Two or more candidates, oldest first, when the latest is certain.
+
+    Args:
+        candidates: series or structure sets to choose the latest of.
+        undated: the message for a candidate without date and time.
+        tie: the message for the two latest candidates when they have the same date and time.
+
+    Raises:
+        DicomSelectionError: if a candidate has no date and time, or the two latest share theirs: never guess.
+    """
+    missing = [c for c in candidates if c.datetime is None]
+    if missing:
+        raise DicomSelectionError(undated(missing[0]))
+    ordered = sorted(candidates, key=lambda c: c.datetime)  # type: ignore[arg-type, return-value]
+    if ordered[-1].datetime == ordered[-2].datetime:
+        raise DicomSelectionError(tie(ordered[-1], ordered[-2]))
+    return ordered
+
+
 def _pick_rtstruct(
     inventory: DicomInventory, rtstruct_sop_uid: str | None, patient_id: str | None, notes: list[str]
 ) -> StructureSetInfo:
@@ -583,18 +620,16 @@ def _pick_rtstruct(
         )
     if len(candidates) == 1:
         return candidates[0]
-    undated = [s for s in candidates if s.datetime is None]
-    if undated:
-        raise DicomSelectionError(
-            f"{undated[0].path}: RTSTRUCT has no StructureSetDate (3006,0008), so the latest of {len(candidates)} "
+    ordered = _by_datetime(
+        candidates,
+        undated=lambda s: (
+            f"{s.path}: RTSTRUCT has no StructureSetDate (3006,0008), so the latest of {len(candidates)} "
             "RTSTRUCTs cannot be chosen; choose one with rtstruct_sop_uid"
-        )
-    ordered = sorted(candidates, key=lambda s: s.datetime)  # type: ignore[arg-type, return-value]
-    if ordered[-1].datetime == ordered[-2].datetime:
-        raise DicomSelectionError(
-            f"{ordered[-1].path} and {ordered[-2].path}: two RTSTRUCTs with the same date and time; choose one with "
-            "rtstruct_sop_uid"
-        )
+        ),
+        tie=lambda last, other: (
+            f"{last.path} and {other.path}: two RTSTRUCTs with the same date and time; choose one with rtstruct_sop_uid"
+        ),
+    )
     chosen = ordered[-1]
     notes.append(
         f"chose the latest of {len(candidates)} RTSTRUCTs: {chosen.path.name} ({chosen.label!r}, {chosen.datetime}); "
@@ -615,46 +650,72 @@ def _planning_ct(
             )
         referenced = [planning_series_uid]
     if referenced:
-        present = [inventory.series[uid] for uid in referenced if uid in inventory.series]
-        if not present:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)} (frame of reference "
-                f"{', '.join(rtstruct.frame_of_reference_uids) or 'not given'}), which is not in {inventory.folder}; "
-                f"expected the planning CT series there. Found:\n{inventory.summary()}"
-            )
-        if len(present) > 1 and sum(s.modality == "CT" for s in present) == 1:
-            present = [s for s in present if s.modality == "CT"]  # e.g. contours referencing a CT and a fused MR
-        if len(present) > 1:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references {len(present)} series present in {inventory.folder} "
-                f"({', '.join(s.series_instance_uid for s in present)}); choose one with planning_series_uid"
-            )
-        planning = present[0]
+        planning = _referenced_series(inventory, rtstruct, referenced)
     else:
-        frames = rtstruct.frame_of_reference_uids
-        if not frames:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT references neither a series (RTReferencedSeriesSequence (3006,0014)) "
-                "nor a frame of reference (ReferencedFrameOfReferenceSequence (3006,0010)); cannot find its CT"
-            )
-        matches = [s for s in inventory.series.values() if s.modality == "CT" and s.frame_of_reference_uid in frames]
-        if not matches:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and no CT series in "
-                f"{inventory.folder} has its frame of reference {', '.join(frames)}; expected the planning CT there. "
-                f"Found:\n{inventory.summary()}"
-            )
-        if len(matches) > 1:
-            raise DicomSelectionError(
-                f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and {len(matches)} CT "
-                f"series share its frame of reference ({', '.join(s.series_instance_uid for s in matches)}); choose "
-                "one with planning_series_uid"
-            )
-        planning = matches[0]
-        notes.append(
-            f"{rtstruct.path.name} does not reference a series; took the only CT series in its frame of reference, "
-            f"{planning.series_instance_uid}"
+        planning = _only_ct_in_frame(inventory, rtstruct, notes)
+    _check_planning_ct(inventory, rtstruct, planning)
+    return planning
+
+
+def _referenced_series(inventory: DicomInventory, rtstruct: StructureSetInfo, referenced: list[str]) -> SeriesInfo:
+    """The one series of ``referenced`` (the RTSTRUCT's, or the requested one) present in the folder.
+
+    Raises:
+        DicomSelectionError: if none is present, or several (unless exactly one of them is a CT).
+    """
+    present = [inventory.series[uid] for uid in referenced if uid in inventory.series]
+    if not present:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references series {', '.join(referenced)} (frame of reference "
+            f"{', '.join(rtstruct.frame_of_reference_uids) or 'not given'}), which is not in {inventory.folder}; "
+            f"expected the planning CT series there. Found:\n{inventory.summary()}"
         )
+    if len(present) > 1 and sum(s.modality == "CT" for s in present) == 1:
+        present = [s for s in present if s.modality == "CT"]  # e.g. contours referencing a CT and a fused MR
+    if len(present) > 1:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references {len(present)} series present in {inventory.folder} "
+            f"({', '.join(s.series_instance_uid for s in present)}); choose one with planning_series_uid"
+        )
+    return present[0]
+
+
+def _only_ct_in_frame(inventory: DicomInventory, rtstruct: StructureSetInfo, notes: list[str]) -> SeriesInfo:
+    """The only CT series in the frame of reference of an RTSTRUCT that references no series.
+
+    Raises:
+        DicomSelectionError: if the RTSTRUCT names no frame of reference, or no or several CT series are in it.
+    """
+    frames = rtstruct.frame_of_reference_uids
+    if not frames:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT references neither a series (RTReferencedSeriesSequence (3006,0014)) "
+            "nor a frame of reference (ReferencedFrameOfReferenceSequence (3006,0010)); cannot find its CT"
+        )
+    matches = [s for s in inventory.series.values() if s.modality == "CT" and s.frame_of_reference_uid in frames]
+    if not matches:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and no CT series in "
+            f"{inventory.folder} has its frame of reference {', '.join(frames)}; expected the planning CT there. "
+            f"Found:\n{inventory.summary()}"
+        )
+    if len(matches) > 1:
+        raise DicomSelectionError(
+            f"{rtstruct.path}: the RTSTRUCT has no RTReferencedSeriesSequence (3006,0014) and {len(matches)} CT "
+            f"series share its frame of reference ({', '.join(s.series_instance_uid for s in matches)}); choose "
+            "one with planning_series_uid"
+        )
+    planning = matches[0]
+    notes.append(
+        f"{rtstruct.path.name} does not reference a series; took the only CT series in its frame of reference, "
+        f"{planning.series_instance_uid}"
+    )
+    return planning
+
+
+def _check_planning_ct(inventory: DicomInventory, rtstruct: StructureSetInfo, planning: SeriesInfo) -> None:
+    """Refuse a planning CT that is no CT volume, is in another frame of reference than the RTSTRUCT, or lacks an
+    image the RTSTRUCT's contours were drawn on."""
     if planning.modality != "CT":
         raise DicomSelectionError(
             f"{rtstruct.path}: the referenced series {planning.series_instance_uid} has Modality "
@@ -683,7 +744,6 @@ def _planning_ct(
             f"ContourImageSequence (3006,0016) references are not in {inventory.folder} (e.g. {missing[0]}); "
             f"found {len(planning.files)} file(s) of that series"
         )
-    return planning
 
 
 def _storage_class(path: Path) -> str:
@@ -717,30 +777,66 @@ def _daily_ct(
     notes: list[str],
 ) -> SeriesInfo:
     if daily_series_uid is not None:
-        daily = inventory.series.get(daily_series_uid)
-        if daily is None:
-            raise DicomSelectionError(
-                f"{inventory.folder}: no series with SeriesInstanceUID {daily_series_uid} (the requested daily CT). "
-                f"Found:\n{inventory.summary()}"
-            )
-        if daily.modality != "CT":
-            raise DicomSelectionError(
-                f"requested daily series {daily_series_uid} has Modality {daily.modality!r}; expected CT"
-            )
-        if daily.series_instance_uid == planning.series_instance_uid:
-            raise DicomSelectionError(
-                f"requested daily series {daily_series_uid} is the planning CT the RTSTRUCT {rtstruct.path.name} "
-                "references; expected another CT series"
-            )
-        if not_a_volume(daily):
-            raise DicomSelectionError(
-                f"requested daily series {daily_series_uid} is {not_a_volume(daily)}; expected a CT volume"
-            )
-        _check_same_patient(planning, daily, "planning CT", "requested daily CT")
-        if daily.frame_of_reference_uid == planning.frame_of_reference_uid:
-            notes.append("the requested daily CT shares the planning CT's frame of reference")
-        return daily
+        return _requested_daily_ct(inventory, planning, rtstruct, daily_series_uid, notes)
+    candidates = _daily_candidates(inventory, planning, notes)
+    if len(candidates) == 1:
+        daily = candidates[0]
+    else:
+        ordered = _by_datetime(
+            candidates,
+            undated=lambda s: (
+                f"{len(candidates)} candidate daily CT series and {s.describe()} has no acquisition, series "
+                "or study date; choose the daily CT with daily_series_uid"
+            ),
+            tie=lambda last, other: (
+                f"two candidate daily CT series were acquired at the same time ({last.series_instance_uid}, "
+                f"{other.series_instance_uid}); choose one with daily_series_uid"
+            ),
+        )
+        daily = ordered[-1]
+        notes.append(
+            f"chose the latest of {len(candidates)} daily CT candidates: {daily.describe()}; left out "
+            + ", ".join(s.series_instance_uid for s in ordered[:-1])
+        )
+    _check_same_patient(planning, daily, "planning CT", "daily CT")
+    return daily
 
+
+def _requested_daily_ct(
+    inventory: DicomInventory, planning: SeriesInfo, rtstruct: StructureSetInfo, daily_series_uid: str, notes: list[str]
+) -> SeriesInfo:
+    """The daily CT the caller named, once checked to be a CT volume of the patient other than the planning CT."""
+    daily = inventory.series.get(daily_series_uid)
+    if daily is None:
+        raise DicomSelectionError(
+            f"{inventory.folder}: no series with SeriesInstanceUID {daily_series_uid} (the requested daily CT). "
+            f"Found:\n{inventory.summary()}"
+        )
+    if daily.modality != "CT":
+        raise DicomSelectionError(
+            f"requested daily series {daily_series_uid} has Modality {daily.modality!r}; expected CT"
+        )
+    if daily.series_instance_uid == planning.series_instance_uid:
+        raise DicomSelectionError(
+            f"requested daily series {daily_series_uid} is the planning CT the RTSTRUCT {rtstruct.path.name} "
+            "references; expected another CT series"
+        )
+    if not_a_volume(daily):
+        raise DicomSelectionError(
+            f"requested daily series {daily_series_uid} is {not_a_volume(daily)}; expected a CT volume"
+        )
+    _check_same_patient(planning, daily, "planning CT", "requested daily CT")
+    if daily.frame_of_reference_uid == planning.frame_of_reference_uid:
+        notes.append("the requested daily CT shares the planning CT's frame of reference")
+    return daily
+
+
+def _daily_candidates(inventory: DicomInventory, planning: SeriesInfo, notes: list[str]) -> list[SeriesInfo]:
+    """The CT volumes of the planning CT's patient in other frames of reference (at least one).
+
+    Raises:
+        DicomSelectionError: if there is none, with why each other series was left out.
+    """
     candidates = []
     left_out: list[str] = []  # why each other series is no daily CT: the error below needs it when none is left
     for series in inventory.series.values():
@@ -776,28 +872,7 @@ def _daily_ct(
             + (f". Left out:{reasons}" if reasons else "")
             + f"\nFound:\n{inventory.summary()}"
         )
-    if len(candidates) == 1:
-        daily = candidates[0]
-    else:
-        undated = [s for s in candidates if s.datetime is None]
-        if undated:
-            raise DicomSelectionError(
-                f"{len(candidates)} candidate daily CT series and {undated[0].describe()} has no acquisition, series "
-                "or study date; choose the daily CT with daily_series_uid"
-            )
-        ordered = sorted(candidates, key=lambda s: s.datetime)  # type: ignore[arg-type, return-value]
-        if ordered[-1].datetime == ordered[-2].datetime:
-            raise DicomSelectionError(
-                f"two candidate daily CT series were acquired at the same time ({ordered[-1].series_instance_uid}, "
-                f"{ordered[-2].series_instance_uid}); choose one with daily_series_uid"
-            )
-        daily = ordered[-1]
-        notes.append(
-            f"chose the latest of {len(candidates)} daily CT candidates: {daily.describe()}; left out "
-            + ", ".join(s.series_instance_uid for s in ordered[:-1])
-        )
-    _check_same_patient(planning, daily, "planning CT", "daily CT")
-    return daily
+    return candidates
 
 
 def _check_unreadable(
@@ -897,6 +972,20 @@ def select_session(
         damaged = "".join(f"\n  {u.describe()}" for u in inventory.unreadable_files)
         raise DicomSelectionError(f"{err}\nFiles that could not be read (the cause?):{damaged}") from err
     _check_unreadable(inventory, rtstruct, planning, daily, notes)
+    _note_left_out(inventory, planning, daily, notes)
+    return AdaptiveSession(
+        patient_id=planning.patient_id,
+        planning_ct=planning,
+        planning_rtstruct=rtstruct,
+        daily_ct=daily,
+        notes=notes,
+        inventory=inventory,
+    )
+
+
+def _note_left_out(inventory: DicomInventory, planning: SeriesInfo, daily: SeriesInfo, notes: list[str]) -> None:
+    """Note what the selection left out (other patients, skipped and duplicate files) and a daily CT older than the
+    planning CT."""
     others = sorted({s.patient_id for s in inventory.series.values()} - {planning.patient_id})
     if others:
         notes.append(
@@ -915,14 +1004,6 @@ def select_session(
         )
     if planning.datetime and daily.datetime and daily.datetime < planning.datetime:
         notes.append(f"the daily CT ({daily.datetime}) is older than the planning CT ({planning.datetime})")
-    return AdaptiveSession(
-        patient_id=planning.patient_id,
-        planning_ct=planning,
-        planning_rtstruct=rtstruct,
-        daily_ct=daily,
-        notes=notes,
-        inventory=inventory,
-    )
 
 
 def check_one_patient(inventory: DicomInventory) -> None:

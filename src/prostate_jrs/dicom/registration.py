@@ -32,10 +32,9 @@ i.e. index order ``K, J, I``; a grid whose slice axis runs against row x column 
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +43,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import DeformableSpatialRegistrationStorage
 
-from prostate_jrs.dicom.common import (
-    EquipmentInfo,
-    add_equipment,
-    atomic_write,
-    dicom_date,
-    dicom_time,
-    ds_list,
-    match_slices,
-    new_derived_instance,
-    package_version,
-)
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.modules import NewSeriesOptions, image_reference, new_series_instance
+from prostate_jrs.dicom.slices import match_slices
+from prostate_jrs.dicom.values import dicom_date, dicom_time, ds_list
 from prostate_jrs.geometry import identity_grid, index_to_world, resample_to_grid
 
 __all__ = [
@@ -70,33 +62,21 @@ __all__ = [
 _RIGID_TOLERANCE = 1e-6
 
 
-@dataclass(frozen=True)
-class RegistrationOptions:
-    """Descriptive attributes of a written Deformable Spatial Registration.
+@dataclass(frozen=True, kw_only=True)
+class RegistrationOptions(NewSeriesOptions):
+    """Descriptive attributes of a written Deformable Spatial Registration (and those of :class:`NewSeriesOptions`).
 
     Args:
         algorithm_name: model name (Content Description and Frame of Reference Transformation Comment).
-        algorithm_version: model version.
         content_label: Content Label (upper case, at most 16 characters).
         content_creator_name: Content Creator's Name (Type 2; may be empty).
-        series_description: Series Description.
-        series_number: Series Number.
-        series_instance_uid: Series Instance UID; ``None`` for a new one.
-        sop_instance_uid: SOP Instance UID; ``None`` for a new one.
         content_datetime: Content (and Series) Date/Time; ``None`` for now.
-        equipment: Manufacturer, model, serial number and software versions of the writer.
     """
 
-    algorithm_name: str = "prostate-jrs"
-    algorithm_version: str = field(default_factory=package_version)
     content_label: str = "JRS_DDF"
     content_creator_name: str = ""
     series_description: str = "prostate-jrs planning to daily registration"
     series_number: int = 903
-    series_instance_uid: str | None = None
-    sop_instance_uid: str | None = None
-    content_datetime: dt.datetime | None = None
-    equipment: EquipmentInfo = field(default_factory=EquipmentInfo)
 
 
 @dataclass(frozen=True)
@@ -249,24 +229,8 @@ def _right_handed(grid: sitk.Image, vectors: np.ndarray) -> tuple[sitk.Image, np
 def _series_reference(series: Sequence[Dataset]) -> Dataset:
     item = Dataset()
     item.SeriesInstanceUID = series[0].SeriesInstanceUID
-    instances = []
-    for ds in series:
-        instance = Dataset()
-        instance.ReferencedSOPClassUID = ds.SOPClassUID
-        instance.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        instances.append(instance)
-    item.ReferencedInstanceSequence = instances
+    item.ReferencedInstanceSequence = [image_reference(ds) for ds in series]
     return item
-
-
-def _image_references(series: Sequence[Dataset]) -> list[Dataset]:
-    references = []
-    for ds in series:
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = ds.SOPClassUID
-        reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        references.append(reference)
-    return references
 
 
 def _matrix_item(matrix: np.ndarray) -> Dataset:
@@ -320,60 +284,68 @@ def write_deformable_registration(
     on_coarse = tuple(np.shape(ddf)) == (3, *coarse.GetSize()) and coarse.GetSize() != daily_image.GetSize()
     _check_ddf(ddf, coarse if on_coarse else daily_image)
     daily_slices = match_slices(daily_series, daily_image, what="DDF grid")
-    if not planning_series:
-        raise ValueError("planning_series is empty; expected the planning CT images (the registration's source)")
-    for keyword in ("PatientID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = {str(ds.get(keyword, "")) for ds in planning_series}
-        if len(values) != 1:
-            raise ValueError(f"planning_series mixes {keyword} values {sorted(values)}; expected one CT series")
-    daily, planning = daily_slices[0], planning_series[0]
-    if str(daily.PatientID) != str(planning.PatientID):
-        raise ValueError(
-            f"planning series is of patient {planning.PatientID!r} but daily series of {daily.PatientID!r}; "
-            "a registration never combines two patients"
-        )
-    source_for, registered_for = str(planning.FrameOfReferenceUID), str(daily.FrameOfReferenceUID)
-    if daily_to_planning is None and source_for != registered_for:
-        raise ValueError(
-            "planning and daily series have different frames of reference; pass daily_to_planning (the rigid "
-            "pre-alignment) instead of assuming the identity"
-        )
-    rigid = np.eye(4) if daily_to_planning is None else _check_matrix(daily_to_planning, "daily_to_planning")
+    rigid = _checked_rigid(daily_slices[0], planning_series, daily_to_planning)
     step = [int(n) for n in grid_step]
     # subsample first (or take the DDF restored onto the coarse grid): on a 512 x 512 x 300 grid the whole DDF is GBs
     if on_coarse:  # in voxel units of the coarse grid
         vectors = _to_vectors(ddf, coarse, rigid)
     else:  # in voxel units of the daily grid
         vectors = _to_vectors(ddf[:, :: step[0], :: step[1], :: step[2]], daily_image, rigid)
-    grid = coarse
-    grid, vectors = _right_handed(grid, vectors)
-    when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
-    direction = np.asarray(grid.GetDirection()).reshape(3, 3)
-
-    # General Series + Spatial Registration Series
-    ds = new_derived_instance(
-        DeformableSpatialRegistrationStorage,
-        "REG",
-        daily,
-        when,
-        sop_instance_uid=options.sop_instance_uid,
-        series_instance_uid=options.series_instance_uid,
-        series_number=options.series_number,
-        series_description=options.series_description,
-    )
+    grid, vectors = _right_handed(coarse, vectors)
+    daily = daily_slices[0]
+    # General Series + Spatial Registration Series, Frame of Reference (the Registered RCS, daily), Equipment
+    ds, when = new_series_instance(DeformableSpatialRegistrationStorage, "REG", daily, options)
     # an unpaired body part makes Laterality (Type 2C) not required
     ds.BodyPartExamined = daily.get("BodyPartExamined", "") or "PELVIS"
-    # Frame of Reference: the Registered RCS (daily)
-    ds.FrameOfReferenceUID = registered_for
-    ds.PositionReferenceIndicator = daily.get("PositionReferenceIndicator", "")
-    add_equipment(ds, options.equipment)  # General and Enhanced General Equipment
     # Deformable Spatial Registration (Content Identification macro included)
     ds.ContentDate, ds.ContentTime = dicom_date(when), dicom_time(when)
     ds.InstanceNumber = 1
     ds.ContentLabel = options.content_label
     ds.ContentDescription = f"{options.algorithm_name} {options.algorithm_version}: planning CT to daily CT"[:64]
     ds.ContentCreatorName = options.content_creator_name
+    item = _deformable_item(planning_series, rigid, grid, vectors, options)
+    _add_registration_items(ds, item, daily_slices, planning_series)
+    return atomic_write(ds, out_path)
 
+
+def _checked_rigid(
+    daily: Dataset, planning_series: Sequence[Dataset], daily_to_planning: np.ndarray | None
+) -> np.ndarray:
+    """The Pre Deformation Matrix ``R`` after checking that the planning series fits the daily image ``daily``.
+
+    Raises:
+        ValueError: if the planning series is empty or not one series, belongs to another patient, or ``R`` is
+            missing (different frames of reference) or malformed.
+    """
+    if not planning_series:
+        raise ValueError("planning_series is empty; expected the planning CT images (the registration's source)")
+    for keyword in ("PatientID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {str(ds.get(keyword, "")) for ds in planning_series}
+        if len(values) != 1:
+            raise ValueError(f"planning_series mixes {keyword} values {sorted(values)}; expected one CT series")
+    planning = planning_series[0]
+    if str(daily.PatientID) != str(planning.PatientID):
+        raise ValueError(
+            f"planning series is of patient {planning.PatientID!r} but daily series of {daily.PatientID!r}; "
+            "a registration never combines two patients"
+        )
+    if daily_to_planning is None and str(planning.FrameOfReferenceUID) != str(daily.FrameOfReferenceUID):
+        raise ValueError(
+            "planning and daily series have different frames of reference; pass daily_to_planning (the rigid "
+            "pre-alignment) instead of assuming the identity"
+        )
+    return np.eye(4) if daily_to_planning is None else _check_matrix(daily_to_planning, "daily_to_planning")
+
+
+def _deformable_item(
+    planning_series: Sequence[Dataset],
+    rigid: np.ndarray,
+    grid: sitk.Image,
+    vectors: np.ndarray,
+    options: RegistrationOptions,
+) -> Dataset:
+    """Deformable Registration item: planning (source) images, ``R`` as Pre Deformation Matrix, the vector grid."""
+    direction = np.asarray(grid.GetDirection()).reshape(3, 3)
     grid_item = Dataset()
     grid_item.ImageOrientationPatient = ds_list([*direction[:, 0], *direction[:, 1]])
     grid_item.ImagePositionPatient = ds_list(grid.GetOrigin())
@@ -382,8 +354,8 @@ def write_deformable_registration(
     # (3, I, J, K) -> (K, J, I, 3): planes, rows top to bottom, columns left to right, then x, y, z
     grid_item.VectorGridData = np.ascontiguousarray(vectors.transpose(3, 2, 1, 0), dtype="<f4").tobytes()
     item = Dataset()
-    item.SourceFrameOfReferenceUID = source_for
-    item.ReferencedImageSequence = _image_references(planning_series)
+    item.SourceFrameOfReferenceUID = str(planning_series[0].FrameOfReferenceUID)
+    item.ReferencedImageSequence = [image_reference(ds) for ds in planning_series]
     item.FrameOfReferenceTransformationComment = (
         f"rigid pre-alignment then DDF from {options.algorithm_name} {options.algorithm_version}"
     )[:64]  # LO: at most 64 characters
@@ -391,15 +363,24 @@ def write_deformable_registration(
     item.PreDeformationMatrixRegistrationSequence = [_matrix_item(rigid)]
     item.PostDeformationMatrixRegistrationSequence = [_matrix_item(np.eye(4))]
     item.DeformableRegistrationGridSequence = [grid_item]
+    return item
+
+
+def _add_registration_items(
+    ds: Dataset, item: Dataset, daily_slices: Sequence[Dataset], planning_series: Sequence[Dataset]
+) -> None:
+    """Set the Deformable Registration Sequence (identity item for the daily images first, where the frames differ)
+    and the Common Instance Reference module (daily images in this study, planning ones in theirs)."""
+    daily, planning = daily_slices[0], planning_series[0]
+    registered_for = str(daily.FrameOfReferenceUID)
     # the daily images themselves are registered by the identity; first item, deformable second, as Varian Velocity
     # writes them (some readers index the items)
     identity = Dataset()
     identity.SourceFrameOfReferenceUID = registered_for
-    identity.ReferencedImageSequence = _image_references(daily_slices)
+    identity.ReferencedImageSequence = [image_reference(ds) for ds in daily_slices]
     identity.RegistrationTypeCodeSequence = []
-    same_frame = source_for == registered_for
+    same_frame = str(item.SourceFrameOfReferenceUID) == registered_for
     ds.DeformableRegistrationSequence = [item] if same_frame else [identity, item]
-    # Common Instance Reference: the images referenced above; daily ones in this study, planning ones in theirs
     ds.ReferencedSeriesSequence = [] if same_frame else [_series_reference(daily_slices)]
     if str(planning.StudyInstanceUID) == str(daily.StudyInstanceUID):
         ds.ReferencedSeriesSequence.append(_series_reference(planning_series))
@@ -410,7 +391,6 @@ def write_deformable_registration(
         ds.StudiesContainingOtherReferencedInstancesSequence = [other]
     if not ds.ReferencedSeriesSequence:
         del ds.ReferencedSeriesSequence
-    return atomic_write(ds, out_path)
 
 
 def read_deformable_registration(path: str | os.PathLike[str]) -> DeformableRegistration:

@@ -26,8 +26,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from prostate_jrs.dicom.common import DamagedFileError, read_dicom
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume
+from prostate_jrs.dicom.files import read_whole
 from prostate_jrs.errors import RTStructError
 from prostate_jrs.geometry import image_from_array, world_to_index
 from prostate_jrs.labels import STRUCTURES, Structure, SynonymTable
@@ -131,8 +131,10 @@ def _spans(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fill_even_odd(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """Rasterise polygons on one slice with the even-odd rule (pixel centres at integer coordinates).
 
-    Hand-written: no dependency of the project fills several polygons with the even-odd rule (matplotlib's
-    ``Path`` uses the non-zero rule for compound paths; scikit-image is not a dependency).
+    Hand-written: matplotlib's ``Path`` fills compound paths with the non-zero rule, and scikit-image's
+    ``draw.polygon`` / ``measure.grid_points_in_poly`` take one polygon at a time over the whole slice and test edges
+    exactly, so centres a rounding error off an edge (world -> index) would fall out; this one is vectorised over all
+    edges and counts centres within 1e-6 of an edge as on it.
 
     A pixel whose centre lies on an edge counts as inside, on every side alike: contour extractors such as
     plastimatch's run along the centres of the voxels at the border of the image.
@@ -272,19 +274,78 @@ def read_rtstruct(
     path = Path(path)
     synonyms = synonyms or SynonymTable()
     image, reference_frame = _reference_frame(reference, frame_of_reference_uid)
-    try:
-        ds = read_dicom(path)
-    except pydicom.errors.InvalidDicomError as err:
-        raise RTStructError(f"{path}: cannot read as DICOM ({err})") from err
-    except DamagedFileError as err:
-        # a cut structure set parses into fewer ROIs or contours without an error: never use part of it
-        raise RTStructError(
-            f"{path}: truncated or corrupt DICOM file ({err.reason}); expected a complete RTSTRUCT: re-export it"
-        ) from err
+    ds = read_whole(path, RTStructError, "a complete RTSTRUCT: re-export it")
     if ds.get("Modality") != "RTSTRUCT":
         raise RTStructError(f"{path}: Modality is {ds.get('Modality')!r}; expected 'RTSTRUCT'")
+    _check_frame_of_reference(ds, path, reference_frame)
+    notes: list[str] = []
+    if isinstance(reference, CTVolume):
+        _check_contour_images(ds, reference, path, notes)
 
-    # Safety rule: contours only on a CT in their own frame of reference
+    size = tuple(int(n) for n in image.GetSize())
+    observations, contours_by_roi = _by_roi_number(ds, path)
+    wanted = set(roi_names or ())
+
+    rois: list[ROIInfo] = []
+    for n, roi in enumerate(ds.get("StructureSetROISequence", []), start=1):
+        number = _roi_number(roi, "ROINumber", path, f"StructureSetROISequence (3006,0020) item {n}")
+        name = str(roi.get("ROIName", "")).strip()
+        info = ROIInfo(number=number, name=name, structure=synonyms.match(name))
+        info.interpreted_type = observations.get(number, "")
+        item = contours_by_roi.pop(number, None)
+        if item is not None and item.get("ROIDisplayColor"):
+            with contextlib.suppress(TypeError, ValueError):  # a colour that is no three numbers is only left out
+                info.color = tuple(int(c) for c in item.ROIDisplayColor)  # type: ignore[assignment]
+        rasterise = all_rois or info.structure is not None or name in wanted
+        by_slice = _contours_by_slice(info, item, image, path, rasterise, notes)
+        if rasterise:
+            info.mask = _rasterise(name, by_slice, image, path, notes)
+        rois.append(info)
+    for number in contours_by_roi:
+        notes.append(f"ROIContourSequence item for ROI number {number}, which StructureSetROISequence lacks; ignored")
+
+    structure_rois = _assign_structures(rois, path, notes)
+    return RTStructContents(
+        path=path,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        frame_of_reference_uid=reference_frame,
+        rois=rois,
+        structure_rois=structure_rois,
+        label_map=_label_map(structure_rois, size, notes),
+        unmapped_rois=[r.name for r in rois if r.structure is None],
+        missing_structures=[s.name for s in STRUCTURES if s.name not in structure_rois],
+        empty_rois=[r.name for r in rois if r.empty],
+        notes=notes,
+        reference=image,
+    )
+
+
+def _by_roi_number(ds: Dataset, path: Path) -> tuple[dict[int, str], dict[int, Dataset]]:
+    """RT ROI Interpreted Type and ROI Contour item of each ROI number.
+
+    Raises:
+        RTStructError: if an item's ROI number is missing or invalid.
+    """
+    observations = {
+        _roi_number(o, "ReferencedROINumber", path, f"RTROIObservationsSequence (3006,0080) item {n}"): str(
+            o.get("RTROIInterpretedType", "") or ""
+        )
+        for n, o in enumerate(ds.get("RTROIObservationsSequence", []), start=1)
+        if "ReferencedROINumber" in o
+    }
+    contours_by_roi: dict[int, Dataset] = {}
+    for n, item in enumerate(ds.get("ROIContourSequence", []), start=1):
+        number = _roi_number(item, "ReferencedROINumber", path, f"ROIContourSequence (3006,0039) item {n}")
+        contours_by_roi[number] = item
+    return observations, contours_by_roi
+
+
+def _check_frame_of_reference(ds: Dataset, path: Path, reference_frame: str) -> None:
+    """Safety rule: contours only on a CT in their own frame of reference.
+
+    Raises:
+        RTStructError: if the RTSTRUCT names no frame of reference, or not the reference CT's.
+    """
     frames = {str(f.get("FrameOfReferenceUID", "")) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
     frames |= {str(r.get("ReferencedFrameOfReferenceUID", "")) for r in ds.get("StructureSetROISequence", [])}
     frames.discard("")
@@ -299,80 +360,75 @@ def read_rtstruct(
             f"{reference_frame}; contours are never put on a CT of another frame of reference"
         )
 
-    notes: list[str] = []
-    if isinstance(reference, CTVolume):
-        _check_contour_images(ds, reference, path, notes)
 
-    size = tuple(int(n) for n in image.GetSize())
+def _contours_by_slice(
+    info: ROIInfo, item: Dataset | None, image: sitk.Image, path: Path, rasterise: bool, notes: list[str]
+) -> dict[int, list[tuple[float, np.ndarray]]]:
+    """The closed planar contours of one ROI, placed on the CT's slices: slice -> (plane, in-plane polygon).
+
+    Counts the ROI's contours into ``info``. Contours of an ROI that is not rasterised are only checked: one that
+    cannot be placed is noted, not raised, and none is returned.
+
+    Raises:
+        RTStructError: if a contour of a rasterised ROI cannot be placed (see :func:`_place_contour`).
+    """
+    name = info.name
+    size = image.GetSize()
     to_index = world_to_index(image)
-    observations = {
-        _roi_number(o, "ReferencedROINumber", path, f"RTROIObservationsSequence (3006,0080) item {n}"): str(
-            o.get("RTROIInterpretedType", "") or ""
-        )
-        for n, o in enumerate(ds.get("RTROIObservationsSequence", []), start=1)
-        if "ReferencedROINumber" in o
-    }
-    contours_by_roi: dict[int, Dataset] = {}
-    for n, item in enumerate(ds.get("ROIContourSequence", []), start=1):
-        number = _roi_number(item, "ReferencedROINumber", path, f"ROIContourSequence (3006,0039) item {n}")
-        contours_by_roi[number] = item
-    wanted = set(roi_names or ())
-
-    rois: list[ROIInfo] = []
-    for n, roi in enumerate(ds.get("StructureSetROISequence", []), start=1):
-        number = _roi_number(roi, "ROINumber", path, f"StructureSetROISequence (3006,0020) item {n}")
-        name = str(roi.get("ROIName", "")).strip()
-        info = ROIInfo(number=number, name=name, structure=synonyms.match(name))
-        info.interpreted_type = observations.get(number, "")
-        item = contours_by_roi.pop(number, None)
-        if item is not None and item.get("ROIDisplayColor"):
-            with contextlib.suppress(TypeError, ValueError):  # a colour that is no three numbers is only left out
-                info.color = tuple(int(c) for c in item.ROIDisplayColor)  # type: ignore[assignment]
-        rasterise = all_rois or info.structure is not None or name in wanted
-        by_slice: dict[int, list[tuple[float, np.ndarray]]] = {}
-        for n, contour in enumerate(item.get("ContourSequence", []) if item is not None else [], start=1):
-            kind = str(contour.get("ContourGeometricType", "")).strip()
-            if kind != "CLOSED_PLANAR":
-                info.num_ignored += 1
-                continue
-            info.num_contours += 1
-            try:
-                k, polygon = _place_contour(contour, image, to_index, f"{path}: ROI {name!r} contour {n}")
-            except RTStructError as err:
-                if rasterise:
-                    raise
-                notes.append(f"{err} (ROI not used)")
-                continue
+    by_slice: dict[int, list[tuple[float, np.ndarray]]] = {}
+    for n, contour in enumerate(item.get("ContourSequence", []) if item is not None else [], start=1):
+        kind = str(contour.get("ContourGeometricType", "")).strip()
+        if kind != "CLOSED_PLANAR":
+            info.num_ignored += 1
+            continue
+        info.num_contours += 1
+        try:
+            k, polygon = _place_contour(contour, image, to_index, f"{path}: ROI {name!r} contour {n}")
+        except RTStructError as err:
             if rasterise:
-                by_slice.setdefault(int(np.floor(k + 0.5)), []).append((k, polygon))
-                if polygon.min() < -0.5 or (polygon > np.asarray(size[:2]) - 0.5).any():
-                    notes.append(f"ROI {name!r} contour {n} extends beyond the CT's field of view; clipped")
-        if info.num_ignored:
-            notes.append(f"ROI {name!r}: ignored {info.num_ignored} contour(s) that are not CLOSED_PLANAR")
+                raise
+            notes.append(f"{err} (ROI not used)")
+            continue
         if rasterise:
-            mask = np.zeros(size, dtype=bool)
-            off_centre = 0.0
-            for k, placed in by_slice.items():
-                planes = np.asarray([p[0] for p in placed])
-                if np.ptp(planes) > _PLANE_TOLERANCE:
-                    # contours from two planes XOR'ed on one slice would cut rings into the ROI
-                    raise RTStructError(
-                        f"{path}: ROI {name!r} has contours in {len(np.unique(planes.round(2)))} different planes "
-                        f"that all fall on CT slice {k}; expected contours drawn on this CT's slices"
-                    )
-                off_centre = max(off_centre, float(np.abs(planes - k).max()))
-                mask[:, :, k] = fill_even_odd([p[1] for p in placed], (size[0], size[1]))
-            if off_centre > _PLANE_TOLERANCE:
-                notes.append(
-                    f"ROI {name!r}: contours lie up to {off_centre * image.GetSpacing()[2]:.2f} mm off the CT slice "
-                    "centres; each was put on the nearest slice"
-                )
-            info.mask = mask
-        rois.append(info)
-    for number in contours_by_roi:
-        notes.append(f"ROIContourSequence item for ROI number {number}, which StructureSetROISequence lacks; ignored")
+            by_slice.setdefault(int(np.floor(k + 0.5)), []).append((k, polygon))
+            if polygon.min() < -0.5 or (polygon > np.asarray(size[:2]) - 0.5).any():
+                notes.append(f"ROI {name!r} contour {n} extends beyond the CT's field of view; clipped")
+    if info.num_ignored:
+        notes.append(f"ROI {name!r}: ignored {info.num_ignored} contour(s) that are not CLOSED_PLANAR")
+    return by_slice
 
-    structure_rois = _assign_structures(rois, path, notes)
+
+def _rasterise(
+    name: str, by_slice: dict[int, list[tuple[float, np.ndarray]]], image: sitk.Image, path: Path, notes: list[str]
+) -> np.ndarray:
+    """Boolean ``(I, J, K)`` mask of one ROI: each slice's contours filled with the even-odd rule.
+
+    Raises:
+        RTStructError: if contours of two different planes fall on one CT slice.
+    """
+    size = tuple(int(n) for n in image.GetSize())
+    mask = np.zeros(size, dtype=bool)
+    off_centre = 0.0
+    for k, placed in by_slice.items():
+        planes = np.asarray([p[0] for p in placed])
+        if np.ptp(planes) > _PLANE_TOLERANCE:
+            # contours from two planes XOR'ed on one slice would cut rings into the ROI
+            raise RTStructError(
+                f"{path}: ROI {name!r} has contours in {len(np.unique(planes.round(2)))} different planes "
+                f"that all fall on CT slice {k}; expected contours drawn on this CT's slices"
+            )
+        off_centre = max(off_centre, float(np.abs(planes - k).max()))
+        mask[:, :, k] = fill_even_odd([p[1] for p in placed], (size[0], size[1]))
+    if off_centre > _PLANE_TOLERANCE:
+        notes.append(
+            f"ROI {name!r}: contours lie up to {off_centre * image.GetSpacing()[2]:.2f} mm off the CT slice "
+            "centres; each was put on the nearest slice"
+        )
+    return mask
+
+
+def _label_map(structure_rois: dict[str, ROIInfo], size: tuple[int, ...], notes: list[str]) -> np.ndarray:
+    """``uint8`` label map of the structures' masks; where they overlap the lower label wins (noted)."""
     label_map = np.zeros(size, dtype=np.uint8)
     for structure in sorted(STRUCTURES, key=lambda s: -s.label):  # paint high labels first: lower labels win
         roi = structure_rois.get(structure.name)
@@ -381,19 +437,7 @@ def read_rtstruct(
             if overlap:
                 notes.append(f"{structure.name} overlaps higher-numbered structures in {overlap} voxel(s); it wins")
             label_map[roi.mask] = structure.label
-    return RTStructContents(
-        path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        frame_of_reference_uid=reference_frame,
-        rois=rois,
-        structure_rois=structure_rois,
-        label_map=label_map,
-        unmapped_rois=[r.name for r in rois if r.structure is None],
-        missing_structures=[s.name for s in STRUCTURES if s.name not in structure_rois],
-        empty_rois=[r.name for r in rois if r.empty],
-        notes=notes,
-        reference=image,
-    )
+    return label_map
 
 
 def _roi_number(item: Dataset, keyword: str, path: Path, what: str) -> int:

@@ -15,10 +15,9 @@ border through a zero-width channel, which even-odd readers read the same way.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,19 +31,12 @@ from pydicom.tag import Tag
 from pydicom.uid import RTStructureSetStorage
 from skimage import measure
 
-from prostate_jrs.dicom.common import (
-    EquipmentInfo,
-    add_equipment,
-    atomic_write,
-    code_item,
-    dicom_date,
-    dicom_time,
-    ds_list,
-    match_slices,
-    new_derived_instance,
-    package_version,
-)
-from prostate_jrs.geometry import array_view, index_to_world, label_box, label_counts
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.label_maps import known_label_values
+from prostate_jrs.dicom.modules import NewSeriesOptions, image_reference, new_series_instance
+from prostate_jrs.dicom.slices import match_slices
+from prostate_jrs.dicom.values import code_item, dicom_date, dicom_time, ds_list
+from prostate_jrs.geometry import array_view, index_to_world, label_box
 from prostate_jrs.labels import STRUCTURES, Structure, structure_by_name
 
 __all__ = [
@@ -60,28 +52,22 @@ _STUDY_REFERENCE_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 _POSITION_TOLERANCE_MM = 1e-3
 
 
-@dataclass(frozen=True)
-class RTStructOptions:
-    """Descriptive attributes of a written RT Structure Set.
+@dataclass(frozen=True, kw_only=True)
+class RTStructOptions(NewSeriesOptions):
+    """Descriptive attributes of a written RT Structure Set (and those of :class:`NewSeriesOptions`).
 
     Args:
         generation: ROI Generation Algorithm of every ROI: ``AUTOMATIC`` (model output), ``SEMIAUTOMATIC`` or
             ``MANUAL`` (a clinician's planning contours, e.g. for synthetic planning data).
         algorithm_name: model name, written into ROI Generation Description and (for AUTOMATIC and SEMIAUTOMATIC)
             the ROI Derivation Algorithm Identification.
-        algorithm_version: model version.
         structure_set_label: Structure Set Label (at most 16 characters).
         structure_set_name: Structure Set Name.
-        series_description: Series Description of the new RTSTRUCT series.
-        series_number: Series Number.
-        series_instance_uid: Series Instance UID; ``None`` for a new one.
-        sop_instance_uid: SOP Instance UID; ``None`` for a new one.
         content_datetime: Structure Set Date/Time and Series Date/Time; ``None`` for now.
         operators_name: Operators' Name (Type 2; may be empty).
         roi_interpreter: ROI Interpreter of every ROI (Type 2; may be empty).
         approval_status: ``UNAPPROVED`` (model output awaiting review), ``APPROVED`` or ``REJECTED``.
         reviewer_name: Reviewer Name, required when ``approval_status`` is not ``UNAPPROVED``.
-        equipment: Manufacturer, model and software versions of the writer.
         skip_empty: leave out structures without any voxel instead of writing them as ROIs without contours.
         holes: how holes in a slice are written (see :func:`contours_for_slice`): ``"separate"`` contours (even-odd
             rule; Eclipse, rt-utils, 3D Slicer) or ``"keyhole"`` (joined to the outer border; also read correctly
@@ -89,20 +75,14 @@ class RTStructOptions:
     """
 
     generation: GenerationAlgorithm = "AUTOMATIC"
-    algorithm_name: str = "prostate-jrs"
-    algorithm_version: str = field(default_factory=package_version)
     structure_set_label: str = "JRS"
     structure_set_name: str = "prostate-jrs contours"
     series_description: str = "prostate-jrs contours"
     series_number: int = 901
-    series_instance_uid: str | None = None
-    sop_instance_uid: str | None = None
-    content_datetime: dt.datetime | None = None
     operators_name: str = ""
     roi_interpreter: str = ""
     approval_status: Literal["UNAPPROVED", "APPROVED", "REJECTED"] = "UNAPPROVED"
     reviewer_name: str = ""
-    equipment: EquipmentInfo = field(default_factory=EquipmentInfo)
     skip_empty: bool = False
     holes: Literal["separate", "keyhole"] = "separate"
 
@@ -233,12 +213,7 @@ def _masks_from_input(
         if label_map.GetDimension() != 3 or label_map.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError("label_map must be a scalar 3D image of integer labels")
         labels = array_view(label_map)
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"label_map must have an integer pixel type, got {label_map.GetPixelIDTypeAsString()}")
-        known = {0} | {s.label for s in STRUCTURES} | {s.label for s in structures}
-        unknown = sorted(set(_label_values(labels)) - known)
-        if unknown:
-            raise ValueError(f"label_map has labels {unknown}; expected only {sorted(known)}")
+        known_label_values(labels, label_map, structures)
         outer = label_box(labels)  # all structures lie in here: each mask is made from this box only
         if outer is None:
             return label_map, [_cropped(s, np.zeros((0, 0, 0), dtype=bool)) for s in structures]
@@ -267,13 +242,6 @@ def _masks_from_input(
     return grid, masks
 
 
-def _label_values(labels: np.ndarray) -> list[int]:
-    """The values of an integer map (a histogram for uint8: no sort of millions of voxels)."""
-    if labels.dtype == np.uint8:
-        return np.flatnonzero(label_counts(labels)).tolist()
-    return np.unique(labels).tolist()
-
-
 def _roi_items(
     structure: Structure, number: int, frame_of_reference_uid: str, options: RTStructOptions
 ) -> tuple[Dataset, Dataset]:
@@ -300,6 +268,48 @@ def _roi_items(
     observation.RTROIInterpretedType = structure.interpreted_type
     observation.ROIInterpreter = options.roi_interpreter
     return roi, observation
+
+
+def _referenced_frame(slices: Sequence[Dataset]) -> Dataset:
+    """Referenced Frame of Reference item: the CT series, its study and every image the contours may lie on."""
+    first = slices[0]
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = first.SeriesInstanceUID
+    referenced_series.ContourImageSequence = [image_reference(image) for image in slices]
+    referenced_study = Dataset()
+    referenced_study.ReferencedSOPClassUID = _STUDY_REFERENCE_SOP_CLASS
+    referenced_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    referenced_study.RTReferencedSeriesSequence = [referenced_series]
+    referenced_frame = Dataset()
+    referenced_frame.FrameOfReferenceUID = str(first.FrameOfReferenceUID)
+    referenced_frame.RTReferencedStudySequence = [referenced_study]
+    return referenced_frame
+
+
+def _roi_contour(
+    item: _Mask, number: int, slices: list[Dataset], to_world: np.ndarray, holes: Literal["separate", "keyhole"]
+) -> Dataset:
+    """ROI Contour item of one structure: its closed planar contours, slice by slice, in patient coordinates."""
+    mask, (i0, j0, k0) = item.mask, item.offset
+    roi_contour = Dataset()
+    roi_contour.ReferencedROINumber = number
+    roi_contour.ROIDisplayColor = list(item.structure.color)
+    contour_items: list[Dataset] = []
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):
+        for polygon in contours_for_slice(mask[:, :, k], holes):
+            ones = np.ones(len(polygon))
+            index = np.column_stack([polygon[:, 0] + i0, polygon[:, 1] + j0, (k0 + k) * ones, ones])
+            world = (index @ to_world.T)[:, :3]
+            contour = Dataset()
+            contour.ContourNumber = len(contour_items) + 1
+            contour.ContourImageSequence = [image_reference(slices[k0 + k])]
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(world)
+            contour[0x30060050] = _contour_data(world)
+            contour_items.append(contour)
+    if contour_items:
+        roi_contour.ContourSequence = DicomSequence(contour_items)
+    return roi_contour
 
 
 def write_rtstruct(
@@ -336,74 +346,21 @@ def write_rtstruct(
         masks = [m for m in masks if m.mask.any()]
     first = slices[0]
     frame_of_reference_uid = str(first.FrameOfReferenceUID)
-    when = options.content_datetime or dt.datetime.now().replace(microsecond=0)
-    to_world = index_to_world(grid)
-
-    # RT Series
-    ds = new_derived_instance(
-        RTStructureSetStorage,
-        "RTSTRUCT",
-        first,
-        when,
-        sop_instance_uid=options.sop_instance_uid,
-        series_instance_uid=options.series_instance_uid,
-        series_number=options.series_number,
-        series_description=options.series_description,
-        operators_name=options.operators_name,
-    )
-    # Frame of Reference: the CT's
-    ds.FrameOfReferenceUID = frame_of_reference_uid
-    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
-    add_equipment(ds, options.equipment)
+    # RT Series, Frame of Reference (the CT's), General Equipment
+    ds, when = new_series_instance(RTStructureSetStorage, "RTSTRUCT", first, options, options.operators_name)
     # Structure Set
     ds.StructureSetLabel = options.structure_set_label
     ds.StructureSetName = options.structure_set_name
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = dicom_date(when), dicom_time(when)
-
-    def image_ref(image: Dataset) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = image.SOPClassUID
-        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
-        return item
-
-    referenced_series = Dataset()
-    referenced_series.SeriesInstanceUID = first.SeriesInstanceUID
-    referenced_series.ContourImageSequence = [image_ref(image) for image in slices]
-    referenced_study = Dataset()
-    referenced_study.ReferencedSOPClassUID = _STUDY_REFERENCE_SOP_CLASS
-    referenced_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    referenced_study.RTReferencedSeriesSequence = [referenced_series]
-    referenced_frame = Dataset()
-    referenced_frame.FrameOfReferenceUID = frame_of_reference_uid
-    referenced_frame.RTReferencedStudySequence = [referenced_study]
-    ds.ReferencedFrameOfReferenceSequence = [referenced_frame]
-
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(slices)]
+    to_world = index_to_world(grid)
     rois, observations, roi_contours = [], [], []
     for number, item in enumerate(masks, start=1):
-        structure, mask, (i0, j0, k0) = item.structure, item.mask, item.offset
-        roi, observation = _roi_items(structure, number, frame_of_reference_uid, options)
+        roi, observation = _roi_items(item.structure, number, frame_of_reference_uid, options)
         rois.append(roi)
         observations.append(observation)
-        roi_contour = Dataset()
-        roi_contour.ReferencedROINumber = number
-        roi_contour.ROIDisplayColor = list(structure.color)
-        contour_items: list[Dataset] = []
-        for k in np.flatnonzero(mask.any(axis=(0, 1))):
-            for polygon in contours_for_slice(mask[:, :, k], options.holes):
-                ones = np.ones(len(polygon))
-                index = np.column_stack([polygon[:, 0] + i0, polygon[:, 1] + j0, (k0 + k) * ones, ones])
-                world = (index @ to_world.T)[:, :3]
-                contour = Dataset()
-                contour.ContourNumber = len(contour_items) + 1
-                contour.ContourImageSequence = [image_ref(slices[k0 + k])]
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(world)
-                contour[0x30060050] = _contour_data(world)
-                contour_items.append(contour)
-        if contour_items:
-            roi_contour.ContourSequence = DicomSequence(contour_items)
-        roi_contours.append(roi_contour)
+        roi_contours.append(_roi_contour(item, number, slices, to_world, options.holes))
     ds.StructureSetROISequence = rois
     ds.ROIContourSequence = roi_contours
     ds.RTROIObservationsSequence = observations

@@ -15,8 +15,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from prostate_jrs.dicom.common import EquipmentInfo, atomic_write, make_uid, match_slices, package_version
-from prostate_jrs.geometry import label_counts
+from prostate_jrs.dicom.files import atomic_write
+from prostate_jrs.dicom.label_maps import known_label_values
+from prostate_jrs.dicom.modules import EquipmentInfo
+from prostate_jrs.dicom.slices import match_slices
+from prostate_jrs.dicom.uids import make_uid, package_version
 from prostate_jrs.labels import STRUCTURES, Structure
 
 __all__ = [
@@ -129,15 +132,9 @@ def write_seg(
     slices = match_slices(reference_series, label_map)
     # (K, J, I) = (frame, row, column), frames in slice order; a view: highdicom copies what it keeps
     labels = sitk.GetArrayViewFromImage(label_map)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"label_map must have an integer pixel type, got {label_map.GetPixelIDTypeAsString()}")
-    known = {0} | {s.label for s in STRUCTURES} | {s.label for s in structures}
-    values = np.flatnonzero(label_counts(labels)) if labels.dtype == np.uint8 else np.unique(labels)
-    unknown = sorted(set(values.tolist()) - known)
-    if unknown:
-        raise ValueError(f"label_map has labels {unknown}; expected only {sorted(known)}")
+    values = known_label_values(labels, label_map, structures)
     numbering = {structure.label: number for number, structure in enumerate(structures, start=1)}
-    if labels.dtype == np.uint8 and all(numbering.get(v, 0) == v for v in values.tolist() if v):
+    if labels.dtype == np.uint8 and all(numbering.get(v, 0) == v for v in values if v):
         segments = labels  # segment numbers are the labels already (the default structures): no remapped copy
     else:
         segments = np.zeros(labels.shape, dtype=np.uint8)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from prostate_jrs.geometry import identity_grid
 from prostate_jrs.labels import structure_by_name
 
 from .config import AnatomyRanges
@@ -33,6 +34,7 @@ ORGAN_HU = 40.0
 SOFT_TISSUE_TEXTURE = 5.0
 # Chunk of slices rendered at once: bounds memory for clinical grids (512 x 512 x 16 points at a time).
 _CHUNK_VOXELS = 4_000_000
+_Box = tuple[slice, slice, slice]  # index box of a grid (Grid.index_box)
 
 
 @dataclass
@@ -99,8 +101,31 @@ def _bone(
     bones.append(shape)
 
 
+@dataclass(frozen=True)
+class _Body:
+    """The body outline: its centre, semi-axes and fat rim, and the muscle space inside the rim."""
+
+    y: float
+    semi_lr: float
+    semi_ap: float
+    rim: float
+    inner: EllipticCylinder
+
+    @property
+    def front(self) -> float:
+        """Anterior skin surface (y, mm)."""
+        return self.y - self.semi_ap
+
+    @property
+    def back(self) -> float:
+        """Posterior skin surface (y, mm)."""
+        return self.y + self.semi_ap
+
+
 def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: float = 35.0) -> Anatomy:
     """Draw one patient's anatomy.
+
+    The steps below draw from ``rng`` in a fixed order; a change of that order changes every phantom of a seed.
 
     Args:
         rng: random generator (the only source of randomness).
@@ -110,6 +135,39 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
     Returns:
         The anatomy with its layers in painting order.
     """
+    p = _draw_sizes(rng, ranges)
+    layers: list[Layer] = []
+    bones: list[Shape] = []
+    body = _add_body(rng, layers, p)
+    hx = rng.uniform(85, 95)  # femoral head centre |x|, used by the bones but drawn here, in its place in the order
+    _add_muscles(rng, layers, p, body, muscle_hu)
+    _add_bowel(rng, layers, body)
+    prostate_angles = _add_pelvic_floor(rng, layers, p, muscle_hu)
+    hu_cortex, hu_core, sacrum_y = _add_bones(rng, layers, bones, p, hx, body.back)
+    bladder, base = _add_bladder(layers, p)
+    rectum, content = _add_rectum(rng, layers, p, sacrum_y)
+    # Prostate: ellipsoid at the origin, slightly tilted.
+    prostate = Ellipsoid(
+        (0.0, 0.0, 0.0), (p["prostate_semi_lr"], p["prostate_semi_ap"], p["prostate_semi_si"]), prostate_angles
+    )
+    layers.append(Layer("prostate", prostate, ORGAN_HU, texture=SOFT_TISSUE_TEXTURE, label=PROSTATE))
+    svs = _add_seminal_vesicles(rng, layers, p)
+    p.update({"hu_cortex": hu_cortex, "hu_core": hu_core, "rectal_content_hu": content, "body_centre_y": body.y})
+    return Anatomy(
+        layers=layers,
+        prostate=prostate,
+        seminal_vesicles=svs,
+        bladder=bladder,
+        bladder_base=base,
+        bladder_volume_ml=p["bladder_volume_ml"],
+        rectum=rectum,
+        bones=bones,
+        params={k: float(v) for k, v in p.items()},
+    )
+
+
+def _draw_sizes(rng: np.random.Generator, ranges: AnatomyRanges) -> dict[str, float]:
+    """The patient's body and organ sizes, drawn uniformly from the population ranges."""
     p: dict[str, float] = {}
     for name in (
         "body_semi_lr",
@@ -130,22 +188,24 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         p[name] = _u(rng, getattr(ranges, name))
     p["sv_angle_left"] = _u(rng, ranges.sv_angle)
     p["sv_angle_right"] = _u(rng, ranges.sv_angle)
-    layers: list[Layer] = []
-    bones: list[Shape] = []
-    mu = muscle_hu
+    return p
 
-    # Body outline and subcutaneous fat; a mildly tapering elliptic cylinder centred behind the prostate.
+
+def _add_body(rng: np.random.Generator, layers: list[Layer], p: dict[str, float]) -> _Body:
+    """Body outline and subcutaneous fat: a mildly tapering elliptic cylinder centred behind the prostate."""
     body_y = 15.0 + rng.uniform(-4, 4)
     a_body, b_body, rim = p["body_semi_lr"], p["body_semi_ap"], p["fat_rim"]
-    body = EllipticCylinder((0.0, body_y), (a_body, b_body), taper=-0.04, z_ref=0.0)
-    layers.append(Layer("fat", body, -100.0, texture=6.0))
+    outline = EllipticCylinder((0.0, body_y), (a_body, b_body), taper=-0.04, z_ref=0.0)
+    layers.append(Layer("fat", outline, -100.0, texture=6.0))
     inner = EllipticCylinder((0.0, body_y), (a_body - rim, b_body - rim * 0.8), taper=-0.04, z_ref=0.0)
-    front, back = body_y - b_body, body_y + b_body
+    return _Body(body_y, a_body, b_body, rim, inner)
 
-    # Muscle fills the body under the fat rim (gluteal, hip and thigh muscles); fat spaces are carved out of it:
-    # the true pelvis around the organs, the ischiorectal fossae, the abdominal cavity above the pelvis.
-    hx = rng.uniform(85, 95)  # femoral head centre |x|
-    a_p, b_p, c_p = p["prostate_semi_lr"], p["prostate_semi_ap"], p["prostate_semi_si"]
+
+def _add_muscles(rng: np.random.Generator, layers: list[Layer], p: dict[str, float], body: _Body, mu: float) -> None:
+    """Muscle under the fat rim (gluteal, hip and thigh muscles), the fat spaces carved out of it (the true pelvis
+    around the organs, the ischiorectal fossae, the abdominal cavity above the pelvis) and the named muscles."""
+    body_y, a_body, b_body, rim, inner = body.y, body.semi_lr, body.semi_ap, body.rim, body.inner
+    front, back = body.front, body.back
     layers.append(Layer("muscle", inner, mu, texture=8.0))
     cavity = rng.uniform(0.9, 1.1)
     fat_spaces = [
@@ -169,9 +229,13 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
             centre = (side * c[0], c[1], c[2])
             angles = (ang[0], side * ang[1], side * ang[2])
             layers.append(Layer(name, Ellipsoid(centre, s, angles), mu, texture=8.0, clip=inner))
-    # Small bowel and sigmoid loops fill the abdominal cavity above the bladder: curved tubes with a wall and
-    # mottled content, some gas-filled (this gas belongs to the anatomy and moves with it).
-    cavity_semi = np.array([a_body - rim - 45.0, b_body - rim - 30.0])
+
+
+def _add_bowel(rng: np.random.Generator, layers: list[Layer], body: _Body) -> None:
+    """Small bowel and sigmoid loops filling the abdominal cavity above the bladder: curved tubes with a wall and
+    mottled content, some gas-filled (this gas belongs to the anatomy and moves with it)."""
+    body_y, inner = body.y, body.inner
+    cavity_semi = np.array([body.semi_lr - body.rim - 45.0, body.semi_ap - body.rim - 30.0])
     for _ in range(int(rng.integers(10, 16))):
         point = np.array(
             [rng.uniform(-1, 1) * cavity_semi[0] * 0.8, body_y - 10 + rng.uniform(-0.8, 0.5) * cavity_semi[1],
@@ -191,7 +255,17 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         layers.append(Layer("bowel_wall", loop, ORGAN_HU, texture=SOFT_TISSUE_TEXTURE, clip=inner))
         hu_in = -900.0 if inside == "gas" else float(rng.uniform(-40.0, 30.0))
         layers.append(Layer(f"bowel_{inside}", loop.shrunk(2.5), hu_in, texture=35.0, channel=1, clip=inner))
-    # Pelvic floor (levator ani): the prostate apex and the anorectum rest on it.
+
+
+def _add_pelvic_floor(
+    rng: np.random.Generator, layers: list[Layer], p: dict[str, float], mu: float
+) -> tuple[float, float, float]:
+    """Pelvic floor (levator ani), on which the prostate apex and the anorectum rest, and the penile bulb below it.
+
+    Returns:
+        The prostate's rotation angles (degrees), drawn here because the muscle hugs the tilted gland.
+    """
+    a_p, b_p, c_p = p["prostate_semi_lr"], p["prostate_semi_ap"], p["prostate_semi_si"]
     layers.append(Layer("levator_ani", Ellipsoid((0, 18, -c_p - 10), (40, 38, 12)), mu + 2, texture=6.0))
     # Its lateral parts hug the lower prostate (a 7 mm shell around the gland, kept to its lower sides), so
     # the gland's sides meet muscle, not fat, there.
@@ -201,8 +275,17 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         region = Ellipsoid((side * (a_p + 18.0), 0.0, -0.6 * c_p), (30.0, 2.0 * b_p, c_p))
         layers.append(Layer("levator_ani", shell, mu + 2, texture=6.0, clip=region))
     layers.append(Layer("penile_bulb", Ellipsoid((0, -38, -c_p - 30), (12, 12, 16)), mu + 5, texture=5.0))
+    return prostate_angles
 
-    # Bones: cortical shell + cancellous core; femoral heads in their acetabula, pubis, ischium, ilium, sacrum.
+
+def _add_bones(
+    rng: np.random.Generator, layers: list[Layer], bones: list[Shape], p: dict[str, float], hx: float, back: float
+) -> tuple[float, float, float]:
+    """Bones: cortical shell + cancellous core; femoral heads in their acetabula, pubis, ischium, ilium, sacrum.
+
+    Returns:
+        Cortical and cancellous HU, and the sacrum's anterior-posterior position (the rectum follows it).
+    """
     hu_cortex = rng.uniform(800, 1100)
     hu_core = rng.uniform(200, 320)
     r_head = p["femoral_head_radius"]
@@ -278,16 +361,24 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         ),
         2.0, hu_cortex, hu_core + 80,
     )  # fmt: skip
+    return hu_cortex, hu_core, sacrum_y
 
-    # Bladder: 1.3 : 1 : 1 ellipsoid of the drawn volume, its base on the prostate.
-    volume = p["bladder_volume_ml"]
-    semi = bladder_semi_axes(volume)
-    base = np.array([0.0, -4.0, c_p - 3.0])
+
+def _add_bladder(layers: list[Layer], p: dict[str, float]) -> tuple[Ellipsoid, np.ndarray]:
+    """Bladder: 1.3 : 1 : 1 ellipsoid of the drawn volume, its base on the prostate; also that base point."""
+    semi = bladder_semi_axes(p["bladder_volume_ml"])
+    base = np.array([0.0, -4.0, p["prostate_semi_si"] - 3.0])
     bladder = Ellipsoid(base + np.array([0.0, -0.15 * semi[1], 0.92 * semi[2]]), semi)
     layers.append(Layer("bladder_wall", bladder, ORGAN_HU, texture=SOFT_TISSUE_TEXTURE, label=BLADDER))
     layers.append(Layer("urine", bladder.shrunk(p["bladder_wall"]), URINE_HU, texture=2.0))
+    return bladder, base
 
-    # Rectum: wall plus mottled faecal content; its anterior wall presses on the prostate.
+
+def _add_rectum(
+    rng: np.random.Generator, layers: list[Layer], p: dict[str, float], sacrum_y: float
+) -> tuple[Tube, float]:
+    """Rectum: wall plus mottled faecal content; its anterior wall presses on the prostate. Also the content's HU."""
+    b_p, c_p = p["prostate_semi_ap"], p["prostate_semi_si"]
     r = p["rectum_radius"]
     y_touch = b_p + r - 2.0
     rectum = _tube(
@@ -307,13 +398,13 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
     layers.append(Layer("rectal_wall", rectum, ORGAN_HU, texture=SOFT_TISSUE_TEXTURE, label=RECTUM))
     content = rng.uniform(-60.0, 10.0)
     layers.append(Layer("rectal_content", rectum.shrunk(p["rectum_wall"]), content, 40.0, channel=1, lumen=True))
+    return rectum, content
 
-    # Prostate: ellipsoid at the origin, slightly tilted.
-    prostate = Ellipsoid((0.0, 0.0, 0.0), (a_p, b_p, c_p), prostate_angles)
-    layers.append(Layer("prostate", prostate, ORGAN_HU, texture=SOFT_TISSUE_TEXTURE, label=PROSTATE))
 
-    # Seminal vesicles: thin bent tubes from the posterior-superior base, laterally and upward, between
-    # bladder and rectum.
+def _add_seminal_vesicles(rng: np.random.Generator, layers: list[Layer], p: dict[str, float]) -> tuple[Tube, Tube]:
+    """Seminal vesicles: thin bent tubes from the posterior-superior base, laterally and upward, between bladder
+    and rectum."""
+    b_p, c_p = p["prostate_semi_ap"], p["prostate_semi_si"]
     svs = []
     width, ap, length = p["sv_width"], p["sv_ap"], p["sv_length"]
     for side, angle in ((1, p["sv_angle_left"]), (-1, p["sv_angle_right"])):
@@ -331,19 +422,7 @@ def sample_anatomy(rng: np.random.Generator, ranges: AnatomyRanges, muscle_hu: f
         tube = Tube(np.array(points), radii, squash=(1.0, width / ap, 1.0))
         svs.append(tube)
         layers.append(Layer("seminal_vesicle", tube, ORGAN_HU - 5, texture=SOFT_TISSUE_TEXTURE, label=SEMINAL_VESICLES))
-
-    p.update({"hu_cortex": hu_cortex, "hu_core": hu_core, "rectal_content_hu": content, "body_centre_y": body_y})
-    return Anatomy(
-        layers=layers,
-        prostate=prostate,
-        seminal_vesicles=(svs[0], svs[1]),
-        bladder=bladder,
-        bladder_base=base,
-        bladder_volume_ml=volume,
-        rectum=rectum,
-        bones=bones,
-        params={k: float(v) for k, v in p.items()},
-    )
+    return svs[0], svs[1]
 
 
 @dataclass
@@ -411,7 +490,17 @@ def render(
     labels = np.zeros(shape, dtype=np.uint8)
     lumen = np.zeros(shape, dtype=np.float32)
     width = float(min(grid.spacing))
-    reach = margin + width
+    boxes = _layer_boxes(anatomy, grid, margin + width)
+    step = max(1, _CHUNK_VOXELS // (shape[0] * shape[1]))
+    for k0 in range(0, shape[2], step):
+        k1 = min(shape[2], k0 + step)
+        slab = RenderResult(hu[:, :, k0:k1], labels[:, :, k0:k1], lumen[:, :, k0:k1])
+        _paint_slab(anatomy, texture, boxes, _world_points(grid, ddf, k0, k1), width, k0, slab)
+    return RenderResult(hu, labels, lumen)
+
+
+def _layer_boxes(anatomy: Anatomy, grid: Grid, reach: float) -> list[_Box | None]:
+    """Index box of ``grid`` in which each layer (within its clip) can be seen, ``reach`` mm beyond its bounds."""
     boxes = []
     for layer in anatomy.layers:
         lo, hi = layer.shape.bbox()
@@ -419,52 +508,59 @@ def render(
             clo, chi = layer.clip.bbox()
             lo, hi = np.maximum(lo, clo), np.minimum(hi, chi)
         boxes.append(grid.index_box(lo - reach, hi + reach))
+    return boxes
+
+
+def _world_points(grid: Grid, ddf: np.ndarray | None, k0: int, k1: int) -> np.ndarray:
+    """World points ``A (x + ddf(x))`` of the voxels of slices ``k0:k1``, float32 ``(3, I, J, k1 - k0)``."""
+    shape = grid.shape
+    index = identity_grid((shape[0], shape[1], k1 - k0))
+    index[2] += k0
+    if ddf is not None:
+        index += ddf[:, :, :, k0:k1]
     spacing = np.asarray(grid.spacing, dtype=np.float32).reshape(3, 1, 1, 1)
     origin = np.asarray(grid.origin, dtype=np.float32).reshape(3, 1, 1, 1)
-    step = max(1, _CHUNK_VOXELS // (shape[0] * shape[1]))
-    for k0 in range(0, shape[2], step):
-        k1 = min(shape[2], k0 + step)
-        index = np.stack(
-            np.meshgrid(
-                np.arange(shape[0], dtype=np.float32),
-                np.arange(shape[1], dtype=np.float32),
-                np.arange(k0, k1, dtype=np.float32),
-                indexing="ij",
-            )
-        )
-        if ddf is not None:
-            index += ddf[:, :, :, k0:k1]
-        points = index * spacing + origin
-        del index
-        # Texture is only needed inside the body (the first layer); the air around it is most of the grid.
-        body = boxes[0] or tuple(slice(0, n) for n in shape)
-        grain_box = (body[0], body[1], slice(None))
-        grain = np.zeros(points.shape[1:], dtype=np.float32)
-        grain[grain_box] = texture.sample(points[(slice(None), *grain_box)], 0)
-        cache: dict[int, tuple[tuple[slice, ...], np.ndarray]] = {}
-        chunk_hu, chunk_lab, chunk_lumen = hu[:, :, k0:k1], labels[:, :, k0:k1], lumen[:, :, k0:k1]
-        for layer, box in zip(anatomy.layers, boxes, strict=True):
-            if box is None or box[2].stop <= k0 or box[2].start >= k1:
-                continue
-            sl = (box[0], box[1], slice(max(box[2].start, k0) - k0, min(box[2].stop, k1) - k0))
-            p = points[(slice(None), *sl)]
-            # A wall and its lumen share the raw SDF; compute it once per box.
-            key = layer.shape.geometry_key
-            hit = cache.get(key)
-            if hit is None or hit[0] != sl:
-                hit = (sl, layer.shape.raw_sdf(p))
-                cache[key] = hit
-            sdf = hit[1] - layer.shape.grow
-            if layer.clip is not None:
-                sdf = np.maximum(sdf, layer.clip.sdf(p))
-            occ = occupancy(sdf, width)
-            if not occ.any():
-                continue
-            value = layer.hu + layer.texture * (grain[sl] if layer.channel == 0 else texture.sample(p, layer.channel))
-            target = chunk_hu[sl]
-            target += occ * (value - target)
-            if layer.label:
-                chunk_lab[sl][sdf < 0] = layer.label
-            if layer.lumen:
-                chunk_lumen[sl] = np.maximum(chunk_lumen[sl], occ)
-    return RenderResult(hu, labels, lumen)
+    return index * spacing + origin
+
+
+def _paint_slab(
+    anatomy: Anatomy,
+    texture: TextureField,
+    boxes: list[_Box | None],
+    points: np.ndarray,
+    width: float,
+    k0: int,
+    slab: RenderResult,
+) -> None:
+    """Paint every layer, in order, into ``slab`` (views of slices ``k0:`` of the output) at world ``points``."""
+    k1 = k0 + points.shape[3]
+    # Texture is only needed inside the body (the first layer); the air around it is most of the grid.
+    body = boxes[0] or tuple(slice(0, n) for n in slab.hu.shape)
+    grain_box = (body[0], body[1], slice(None))
+    grain = np.zeros(points.shape[1:], dtype=np.float32)
+    grain[grain_box] = texture.sample(points[(slice(None), *grain_box)], 0)
+    cache: dict[int, tuple[tuple[slice, ...], np.ndarray]] = {}
+    for layer, box in zip(anatomy.layers, boxes, strict=True):
+        if box is None or box[2].stop <= k0 or box[2].start >= k1:
+            continue
+        sl = (box[0], box[1], slice(max(box[2].start, k0) - k0, min(box[2].stop, k1) - k0))
+        p = points[(slice(None), *sl)]
+        # A wall and its lumen share the raw SDF; compute it once per box.
+        key = layer.shape.geometry_key
+        hit = cache.get(key)
+        if hit is None or hit[0] != sl:
+            hit = (sl, layer.shape.raw_sdf(p))
+            cache[key] = hit
+        sdf = hit[1] - layer.shape.grow
+        if layer.clip is not None:
+            sdf = np.maximum(sdf, layer.clip.sdf(p))
+        occ = occupancy(sdf, width)
+        if not occ.any():
+            continue
+        value = layer.hu + layer.texture * (grain[sl] if layer.channel == 0 else texture.sample(p, layer.channel))
+        target = slab.hu[sl]
+        target += occ * (value - target)
+        if layer.label:
+            slab.labels[sl][sdf < 0] = layer.label
+        if layer.lumen:
+            slab.lumen[sl] = np.maximum(slab.lumen[sl], occ)

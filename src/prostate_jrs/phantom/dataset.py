@@ -22,12 +22,13 @@ renamed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -114,6 +115,56 @@ def _write_patient(patient: Patient, folder: Path) -> list[dict[str, object]]:
     return items
 
 
+def _datalist(seed: int, split: dict[str, list[str]], items: dict[str, list[dict[str, object]]]) -> dict[str, object]:
+    """``datalist.json``: dataset description and conventions, and each patient's items in its part of the split."""
+    datalist: dict[str, object] = {
+        "name": "prostate-jrs synthetic pelvis",
+        "description": "Synthetic planning/daily pelvic CT pairs with known deformation (prostate_jrs.phantom)",
+        "seed": seed,
+        "modality": {"0": "CT"},
+        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+        "ddf_convention": DDF_CONVENTION,
+        "rigid_convention": RIGID_CONVENTION,
+    }
+    for part in ("training", "validation", "test"):
+        datalist[part] = [item for pid in split[part] for item in items[pid]]
+    return datalist
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """Refuse a count or seed that is not a whole number of at least ``minimum`` (0 or 1).
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """Build ``out_dir`` all or nothing: in a hidden sibling folder that replaces it when the block succeeds and is
+    removed when the block fails, so that a half-written dataset is never seen under its name.
+
+    Raises:
+        FileExistsError: if ``out_dir`` exists and is not an empty folder.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_dataset(
     out_dir: str | Path,
     n_patients: int,
@@ -141,20 +192,12 @@ def write_dataset(
         ValueError: for bad counts or seed.
         FileExistsError: if ``out_dir`` exists and is not an empty folder.
     """
-    if not isinstance(n_patients, int) or n_patients < 1:
-        raise ValueError(f"n_patients must be a positive integer, got {n_patients!r}")
-    if not isinstance(n_fractions, int) or n_fractions < 1:
-        raise ValueError(f"n_fractions must be a positive integer, got {n_fractions!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_count("n_patients", n_patients)
+    check_count("n_fractions", n_fractions)
+    check_count("seed", seed, minimum=0)
     config = config or PhantomConfig()
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
-    try:
+    with staged_folder(out_dir) as staging:
         items: dict[str, list[dict[str, object]]] = {}
         provenance: dict[str, object] = {}
         ids = [f"JRS{i + 1:03d}" for i in range(n_patients)]
@@ -172,26 +215,9 @@ def write_dataset(
             }
             if progress is not None:
                 progress(f"{pid}: planning + {n_fractions} fractions written")
-        split = split_patients(ids, seed)
-        datalist: dict[str, object] = {
-            "name": "prostate-jrs synthetic pelvis",
-            "description": "Synthetic planning/daily pelvic CT pairs with known deformation (prostate_jrs.phantom)",
-            "seed": seed,
-            "modality": {"0": "CT"},
-            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
-            "ddf_convention": DDF_CONVENTION,
-            "rigid_convention": RIGID_CONVENTION,
-        }
-        for part in ("training", "validation", "test"):
-            datalist[part] = [item for pid in split[part] for item in items[pid]]
+        datalist = _datalist(seed, split_patients(ids, seed), items)
         (staging / "phantom.json").write_text(
             json.dumps(_jsonable({"config": dataclasses.asdict(config), "patients": provenance}), indent=1)
         )
         (staging / "datalist.json").write_text(json.dumps(datalist, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir / "datalist.json"

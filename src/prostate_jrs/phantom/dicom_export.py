@@ -22,7 +22,7 @@ ROIs of the structure set: ``Prostate``, ``SV``, ``Rectum``, ``Bladder`` (names 
 they map through :class:`prostate_jrs.labels.SynonymTable`) and ``BODY`` (External, the outline a planning system
 makes for dose calculation; it maps to no structure, so readers report it as unmapped and ignore it).
 
-Everything is deterministic from the dataset's seeds: UIDs (:func:`prostate_jrs.dicom.common.make_uid`), dates,
+Everything is deterministic from the dataset's seeds: UIDs (:func:`prostate_jrs.dicom.uids.make_uid`), dates,
 names and table offsets, so the same ``synth`` command gives byte-identical files.
 """
 
@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,13 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from prostate_jrs.dicom.common import EquipmentInfo, PatientInfo, StudyInfo, make_uid
-from prostate_jrs.dicom.ct_series import CTSeriesInfo, write_ct_series
+from prostate_jrs.dicom.ct_series import CTSeriesInfo, synthetic_equipment, write_ct_series
+from prostate_jrs.dicom.modules import PatientInfo, StudyInfo
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
+from prostate_jrs.dicom.uids import make_uid
 from prostate_jrs.labels import STRUCTURES, Structure
 
+from .dataset import staged_folder
 from .shapes import rotation_matrix
 
 __all__ = [
@@ -93,30 +94,9 @@ _BODY_HU = -400.0  # planning systems outline the body at about -300 to -500 HU
 _FIRST_PLANNING_DAY = dt.date(2026, 1, 5)
 
 # Fixed software versions, not the package's: the same seed gives the same files with any prostate-jrs release.
-PLANNING_SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic CT Simulator",
-    software_versions="SYN-CT 1.0",
-    device_serial_number="SYNSIM01",
-    station_name="CTSIM1",
-    institution_name="prostate-jrs synthetic clinic",
-)
-DAILY_SCANNER = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic CT-on-rails",
-    software_versions="SYN-CT 1.0",
-    device_serial_number="SYNCOR01",
-    station_name="LINAC3CT",
-    institution_name="prostate-jrs synthetic clinic",
-)
-PLANNING_SYSTEM = EquipmentInfo(
-    manufacturer="prostate-jrs",
-    model_name="Synthetic TPS",
-    software_versions="SYN-TPS 1.0",
-    device_serial_number="SYNTPS01",
-    station_name="TPS01",
-    institution_name="prostate-jrs synthetic clinic",
-)
+PLANNING_SCANNER = synthetic_equipment("Synthetic CT Simulator", "SYNSIM01", "CTSIM1", "SYN-CT 1.0")
+DAILY_SCANNER = synthetic_equipment("Synthetic CT-on-rails", "SYNCOR01", "LINAC3CT", "SYN-CT 1.0")
+PLANNING_SYSTEM = synthetic_equipment("Synthetic TPS", "SYNTPS01", "TPS01", "SYN-TPS 1.0")
 
 
 @dataclass(frozen=True)
@@ -184,7 +164,7 @@ def _body_mask(ct: sitk.Image) -> sitk.Image:
 def _without_value_validation() -> Iterator[None]:
     """Skip pydicom's per-value checks while building datasets (restored afterwards).
 
-    The writers format every Decimal String with :func:`prostate_jrs.dicom.common.format_ds`, so the checks find
+    The writers format every Decimal String with :func:`prostate_jrs.dicom.values.format_ds`, so the checks find
     nothing, yet at clinical size (a BODY outline of ~100k contour coordinates) they take 40 % of the RTSTRUCT time.
     The written files are still checked by ``dciodvfy`` in the tests.
     """
@@ -216,9 +196,50 @@ def _patient_info(pid: str, seed: int) -> PatientInfo:
     return PatientInfo(name=f"Phantom^{pid}", patient_id=pid, birth_date=birth, sex="M")
 
 
+_Planning = tuple[list[Path], Path, dict[str, str], dt.date]
+"""What :func:`_write_planning` wrote: CT files, RTSTRUCT, UIDs and the planning day."""
+
+
+def _approved_contours(
+    label_and_name: tuple[str, str],
+    series: tuple[str, int],
+    uids: tuple[str, str],
+    when: dt.datetime,
+    operator: str,
+) -> RTStructOptions:
+    """Options of an RTSTRUCT drawn (MANUAL) in the synthetic TPS and approved by the oncologist.
+
+    Args:
+        label_and_name: Structure Set Label and Name.
+        series: Series Description and Number.
+        uids: Series and SOP Instance UIDs.
+        when: Structure Set (and review) date and time.
+        operator: Operators' Name.
+    """
+    return RTStructOptions(
+        generation="MANUAL",
+        algorithm_name="Synthetic TPS",
+        algorithm_version="1.0",
+        structure_set_label=label_and_name[0],
+        structure_set_name=label_and_name[1],
+        series_description=series[0],
+        series_number=series[1],
+        series_instance_uid=uids[0],
+        sop_instance_uid=uids[1],
+        content_datetime=when,
+        operators_name=operator,
+        roi_interpreter="Oncologist^Synthetic",
+        approval_status="APPROVED",
+        reviewer_name="Oncologist^Synthetic",
+        equipment=PLANNING_SYSTEM,
+        skip_empty=True,
+        holes="keyhole",  # read the same by even-odd readers and by readers that take the union (plastimatch)
+    )
+
+
 def _write_planning(
     ct_dir: Path, rs_dir: Path, pid: str, seed: int, patient: PatientInfo, ct: sitk.Image, labels: sitk.Image
-) -> tuple[list[Path], Path, dict[str, str], dt.date]:
+) -> _Planning:
     """Planning CT series (into ``ct_dir``) and RTSTRUCT (into ``rs_dir``) of one patient."""
     rng = np.random.default_rng([seed, 7002])
     day = _FIRST_PLANNING_DAY + dt.timedelta(days=int(rng.integers(0, 120)))
@@ -242,25 +263,12 @@ def _write_planning(
         protocol_name="RT Prostate Planning",
     )
     ct_files = write_ct_series(ct, ct_dir, patient=patient, study=study, series=series, equipment=PLANNING_SCANNER)
-    contoured = dt.datetime.combine(_weekdays_after(day, 2), dt.time(14, 30, 0))
-    options = RTStructOptions(
-        generation="MANUAL",
-        algorithm_name="Synthetic TPS",
-        algorithm_version="1.0",
-        structure_set_label="RT_PROSTATE",
-        structure_set_name="Prostate planning",
-        series_description="RT Structures Prostate",
-        series_number=3,
-        series_instance_uid=uid("rtstruct series"),
-        sop_instance_uid=uid("rtstruct"),
-        content_datetime=contoured,
-        operators_name="Dosimetrist^Synthetic",
-        roi_interpreter="Oncologist^Synthetic",
-        approval_status="APPROVED",
-        reviewer_name="Oncologist^Synthetic",
-        equipment=PLANNING_SYSTEM,
-        skip_empty=True,
-        holes="keyhole",  # read the same by even-odd readers and by readers that take the union (plastimatch)
+    options = _approved_contours(
+        ("RT_PROSTATE", "Prostate planning"),
+        ("RT Structures Prostate", 3),
+        (uid("rtstruct series"), uid("rtstruct")),
+        dt.datetime.combine(_weekdays_after(day, 2), dt.time(14, 30, 0)),
+        "Dosimetrist^Synthetic",
     )
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     masks = {s.name: sitk.BinaryThreshold(labels, s.label, s.label, 1, 0) for s in STRUCTURES}
@@ -368,44 +376,17 @@ def export_dicom_sessions(
     """
     dataset_dir = Path(dataset_dir)
     datalist, phantom, items = _dataset_items(dataset_dir)
-    out_dir = dataset_dir / "dicom"
-    staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(dataset_dir / "dicom") as staging:
         records: list[SessionRecord] = []
-        planning: dict[str, tuple[list[Path], Path, dict[str, str], dt.date]] = {}
+        planning: dict[str, _Planning] = {}
         for item in items:
-            pid, fraction = str(item["patient"]), int(item["fraction"])
-            seed = int(phantom[pid]["seed"])
-            patient = _patient_info(pid, seed)
+            pid = str(item["patient"])
             if pid not in planning:
-                ct = sitk.ReadImage(str(dataset_dir / str(item["moving_image"])))
-                labels = sitk.ReadImage(str(dataset_dir / str(item["moving_label"])))
                 hidden = staging / f".{pid}_planning"  # copied into each session folder
-                planning[pid] = _write_planning(hidden, hidden, pid, seed, patient, ct, labels)
-            ct_files, rs_path, plan_uids, plan_day = planning[pid]
-            folder = staging / f"{pid}_f{fraction:02d}"
-            folder.mkdir()
-            for path in [*ct_files, rs_path]:
-                shutil.copyfile(path, folder / path.name)
-            daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
-            daily_uids, offset, _ = _write_daily(folder, pid, seed, fraction, patient, daily, plan_day)
-            daily_to_dataset = _translation(-offset)
-            bone = setup_transform(phantom[pid]["fractions"][fraction - 1]) @ daily_to_dataset
-            records.append(
-                SessionRecord(
-                    folder=f"dicom/{folder.name}",
-                    patient=pid,
-                    fraction=fraction,
-                    item=dict(item),
-                    uids={**plan_uids, **daily_uids},
-                    planning_to_dataset=np.eye(4).tolist(),
-                    daily_to_dataset=daily_to_dataset.tolist(),
-                    bone_daily_to_planning=np.round(bone, 9).tolist(),
-                )
-            )
+                planning[pid] = _write_planning_of(dataset_dir, item, hidden, hidden, int(phantom[pid]["seed"]))
+            records.append(_write_session(staging, dataset_dir, item, planning[pid], phantom[pid]))
             if progress is not None:
-                progress(f"dicom/{folder.name}: planning CT + RTSTRUCT + daily CT written")
+                progress(f"{records[-1].folder}: planning CT + RTSTRUCT + daily CT written")
         for files, _, _, _ in planning.values():
             shutil.rmtree(files[0].parent)
         manifest = {
@@ -414,11 +395,42 @@ def export_dicom_sessions(
             "sessions": [dataclasses.asdict(record) for record in records],
         }
         (staging / "sessions.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir / "sessions.json"
+    return dataset_dir / "dicom" / "sessions.json"
+
+
+def _write_planning_of(dataset_dir: Path, item: dict[str, Any], ct_dir: Path, rs_dir: Path, seed: int) -> _Planning:
+    """:func:`_write_planning` for the planning scan and contours of a datalist item."""
+    pid = str(item["patient"])
+    ct = sitk.ReadImage(str(dataset_dir / str(item["moving_image"])))
+    labels = sitk.ReadImage(str(dataset_dir / str(item["moving_label"])))
+    return _write_planning(ct_dir, rs_dir, pid, seed, _patient_info(pid, seed), ct, labels)
+
+
+def _write_session(
+    staging: Path, dataset_dir: Path, item: dict[str, Any], planning: _Planning, provenance: dict[str, Any]
+) -> SessionRecord:
+    """One session folder: copies of the planning CT and RTSTRUCT, and the daily CT of ``item``."""
+    pid, fraction = str(item["patient"]), int(item["fraction"])
+    seed = int(provenance["seed"])
+    ct_files, rs_path, plan_uids, plan_day = planning
+    folder = staging / f"{pid}_f{fraction:02d}"
+    folder.mkdir()
+    for path in [*ct_files, rs_path]:
+        shutil.copyfile(path, folder / path.name)
+    daily = sitk.ReadImage(str(dataset_dir / str(item["fixed_image"])))
+    daily_uids, offset, _ = _write_daily(folder, pid, seed, fraction, _patient_info(pid, seed), daily, plan_day)
+    daily_to_dataset = _translation(-offset)
+    bone = setup_transform(provenance["fractions"][fraction - 1]) @ daily_to_dataset
+    return SessionRecord(
+        folder=f"dicom/{folder.name}",
+        patient=pid,
+        fraction=fraction,
+        item=dict(item),
+        uids={**plan_uids, **daily_uids},
+        planning_to_dataset=np.eye(4).tolist(),
+        daily_to_dataset=daily_to_dataset.tolist(),
+        bone_daily_to_planning=np.round(bone, 9).tolist(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------- archive
@@ -445,18 +457,18 @@ def _write_rtplan(folder: Path, ct_files: list[Path], rs_path: Path, pid: str, s
     from pydicom.dataset import Dataset
     from pydicom.uid import RTPlanStorage, RTStructureSetStorage
 
-    from prostate_jrs.dicom.common import add_equipment, atomic_write, dicom_date, dicom_time, new_derived_instance
+    from prostate_jrs.dicom.files import atomic_write
+    from prostate_jrs.dicom.modules import new_derived_instance
+    from prostate_jrs.dicom.values import dicom_date, dicom_time
 
     uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "planning", "rtplan", *parts)  # noqa: E731
     when = dt.datetime.combine(_weekdays_after(day, 3), dt.time(11, 0, 0))
     first = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
     ds = new_derived_instance(
-        RTPlanStorage, "RTPLAN", first, when, sop_instance_uid=uid("sop"), series_instance_uid=uid("series"),
-        series_number=4, series_description="RT Plan Prostate", operators_name="Dosimetrist^Synthetic",
+        RTPlanStorage, "RTPLAN", first, when, equipment=PLANNING_SYSTEM, sop_instance_uid=uid("sop"),
+        series_instance_uid=uid("series"), series_number=4, series_description="RT Plan Prostate",
+        operators_name="Dosimetrist^Synthetic",
     )  # fmt: skip
-    add_equipment(ds, PLANNING_SYSTEM)
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ""
     ds.RTPlanLabel, ds.RTPlanName = "PROSTATE", "Prostate 78 Gy in 39 fractions"
     ds.RTPlanDate, ds.RTPlanTime = dicom_date(when), dicom_time(when)
     ds.RTPlanGeometry = "PATIENT"
@@ -484,14 +496,13 @@ def _write_daily_rtstruct(
     uid = lambda *parts: make_uid("prostate-jrs synth", seed, pid, "daily", fraction, "rtstruct", *parts)  # noqa: E731
     shifted = sitk.Cast(labels, sitk.sitkUInt8)
     shifted.SetOrigin(tuple(float(o) for o in np.asarray(labels.GetOrigin()) + offset))
-    options = RTStructOptions(
-        generation="MANUAL", algorithm_name="Synthetic TPS", algorithm_version="1.0",
-        structure_set_label=f"FX{fraction}_ADAPT", structure_set_name=f"Fraction {fraction} approved",
-        series_description=f"RT Structures Fx{fraction}", series_number=2, series_instance_uid=uid("series"),
-        sop_instance_uid=uid("sop"), content_datetime=when + dt.timedelta(minutes=20),
-        operators_name="Therapist^Synthetic", roi_interpreter="Oncologist^Synthetic", approval_status="APPROVED",
-        reviewer_name="Oncologist^Synthetic", equipment=PLANNING_SYSTEM, skip_empty=True, holes="keyhole",
-    )  # fmt: skip
+    options = _approved_contours(
+        (f"FX{fraction}_ADAPT", f"Fraction {fraction} approved"),
+        (f"RT Structures Fx{fraction}", 2),
+        (uid("series"), uid("sop")),
+        when + dt.timedelta(minutes=20),
+        "Therapist^Synthetic",
+    )
     headers = _read_headers(sorted(ct_folder.glob("CT.*.dcm")))
     with _without_value_validation():
         return write_rtstruct(
@@ -505,10 +516,8 @@ def _write_archive_patient(
 ) -> dict[str, Any]:  # fmt: skip
     """One patient's export: planning CT, RTSTRUCT and RTPLAN, and per fraction a daily CT with its RTSTRUCT."""
     patient = _patient_info(pid, seed)
-    ct = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_image"])))
-    labels = sitk.ReadImage(str(dataset_dir / str(items[0]["moving_label"])))
     plan = root / pid / "Study_PLAN1"
-    ct_files, rs_path, uids, day = _write_planning(plan / "CT_2", plan / "RTSTRUCT_3", pid, seed, patient, ct, labels)
+    ct_files, rs_path, uids, day = _write_planning_of(dataset_dir, items[0], plan / "CT_2", plan / "RTSTRUCT_3", seed)
     _write_rtplan(plan / "RTPLAN_4", ct_files, rs_path, pid, seed, day)
     fractions = []
     for item in items:
@@ -586,17 +595,13 @@ def export_dicom_archive(
         Path of ``dataset_dir/dicom/archive.json``.
 
     Raises:
-        FileNotFoundError: if ``datalist.json`` or ``phantom.json`` is missing.
-        FileExistsError: if ``dataset_dir/dicom`` exists.
-        ValueError: if the datalist items lack ``patient`` or ``fraction``.
+        FileNotFoundError, FileExistsError, ValueError: as :func:`export_dicom_sessions` (no synthetic dataset in
+            ``dataset_dir``, or ``dataset_dir/dicom`` exists).
     """
     dataset_dir = Path(dataset_dir)
     datalist, phantom, items = _dataset_items(dataset_dir)
-    out_dir = dataset_dir / "dicom"
     pids = sorted({str(item["patient"]) for item in items})
-    staging = Path(tempfile.mkdtemp(prefix=".dicom.partial-", dir=dataset_dir))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(dataset_dir / "dicom") as staging:
         patients = {}
         for pid in pids:
             mine = [item for item in items if str(item["patient"]) == pid]
@@ -611,8 +616,4 @@ def export_dicom_archive(
         extras["without_contours"] = f"{pids[-1]} fraction {patients[pids[-1]]['fractions'][-1]['fraction']}"
         manifest = {"readme": ARCHIVE_README, "seed": datalist.get("seed"), "patients": patients, "extras": extras}
         (staging / "archive.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir / "archive.json"
+    return dataset_dir / "dicom" / "archive.json"

@@ -156,29 +156,47 @@ def generate_patient(
     fractions = []
     bone = BoneWeight(anatomy, lo + _REACH / 2, hi - _REACH / 2, config.motion.bone_distance) if n_fractions else None
     for f in range(n_fractions):
-        rng = np.random.default_rng([seed, _MOTION, f])
-        grid = daily_grid(plan_grid, config, rng)
-        motion: DailyMotion = sample_motion(rng, anatomy, config.motion, lo, hi)
         assert bone is not None
-        ddf, stats = compose_ddf(grid, anatomy, motion, config.motion, bone, config.field_spacing)
-        scene = render(anatomy, texture, grid, ddf, margin=stats["max_displacement_mm"] + 2.0)
-        hu, gas = _finish(
-            np.random.default_rng([seed, _IMAGING, f]), scene.hu, scene.lumen, grid, config,
-            config.daily_gas_probability,
-        )  # fmt: skip
-        # Damping scales log(bladder volume ratio) too: this is the volume the field actually aims at.
-        target = anatomy.bladder_volume_ml * (motion.bladder_volume_ml / anatomy.bladder_volume_ml) ** stats["damping"]
-        info: dict[str, object] = {
-            **motion.summary(),
-            **stats,
-            "bladder_target_ml": target,
-            "grid_size": list(grid.size),
-            "grid_origin": list(grid.origin),
-        }
-        if config.daily_labels == "warped":
-            labels = warp_labels(planning.labels, grid, ddf, scene.labels, stats["max_displacement_mm"] + 5.0)
-        else:
-            labels = scene.labels
-        fractions.append(Fraction(grid.image(hu), grid.image(labels), gas, ddf=ddf, info=info))
-        del scene, hu
+        fractions.append(_daily_scan(seed, f, config, anatomy, texture, planning, plan_grid, bone, (lo, hi)))
     return Patient(patient_id or f"JRS{seed:03d}", seed, planning, fractions, anatomy)
+
+
+def _daily_scan(
+    seed: int,
+    f: int,
+    config: PhantomConfig,
+    anatomy: Anatomy,
+    texture: TextureField,
+    planning: Scan,
+    plan_grid: Grid,
+    bone: BoneWeight,
+    box: tuple[np.ndarray, np.ndarray],
+) -> Fraction:
+    """Daily scan ``f`` (0-based): its own grid, motion, known deformation, rendering and imaging.
+
+    Its random draws come from generators seeded by ``(seed, f)``, so a fraction does not depend on the others.
+    """
+    lo, hi = box
+    rng = np.random.default_rng([seed, _MOTION, f])
+    grid = daily_grid(plan_grid, config, rng)
+    motion: DailyMotion = sample_motion(rng, anatomy, config.motion, lo, hi)
+    ddf, stats = compose_ddf(grid, anatomy, motion, config.motion, bone, config.field_spacing)
+    scene = render(anatomy, texture, grid, ddf, margin=stats["max_displacement_mm"] + 2.0)
+    hu, gas = _finish(
+        np.random.default_rng([seed, _IMAGING, f]), scene.hu, scene.lumen, grid, config,
+        config.daily_gas_probability,
+    )  # fmt: skip
+    # Damping scales log(bladder volume ratio) too: this is the volume the field actually aims at.
+    target = anatomy.bladder_volume_ml * (motion.bladder_volume_ml / anatomy.bladder_volume_ml) ** stats["damping"]
+    info: dict[str, object] = {
+        **motion.summary(),
+        **stats,
+        "bladder_target_ml": target,
+        "grid_size": list(grid.size),
+        "grid_origin": list(grid.origin),
+    }
+    if config.daily_labels == "warped":
+        labels = warp_labels(planning.labels, grid, ddf, scene.labels, stats["max_displacement_mm"] + 5.0)
+    else:
+        labels = scene.labels
+    return Fraction(grid.image(hu), grid.image(labels), gas, ddf=ddf, info=info)

@@ -41,7 +41,7 @@ from prostate_jrs.geometry import array_from_image, identity_grid, image_from_ar
 
 from .anatomy import Anatomy, TextureField, render, sample_anatomy
 from .config import AnatomyRanges, MotionRanges, SiteProfile
-from .deformation import BoneWeight, compose_ddf, sample_motion
+from .deformation import BoneWeight, DailyMotion, compose_ddf, sample_motion
 from .grid import Grid
 from .imaging import add_noise
 from .shapes import rotation_matrix
@@ -291,6 +291,31 @@ class KnownDeformation:
         return np.all((index >= -0.5) & (index <= size - 0.5), axis=0)
 
 
+def _deformed_scan(image: sitk.Image, ddf: np.ndarray, noise_hu: float, rng: np.random.Generator) -> sitk.Image:
+    """``image`` warped by ``ddf`` with scanner noise of ``noise_hu`` SD added, stored as int16 HU."""
+    hu = resample_with_ddf(image, image, ddf, order=1, default_value=_AIR_HU)
+    if noise_hu > 0:
+        voxel = float(np.prod(image.GetSpacing()))
+        add_noise(
+            rng,
+            hu,
+            tuple(image.GetSpacing()),
+            SiteProfile(noise_sd_hu=float(noise_hu), noise_reference_voxel_mm3=voxel),
+        )
+    hu = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+    return image_from_array(hu, image)
+
+
+def _setup_in_image_frame(drawn: DailyMotion, placement: PhantomPlacement) -> np.ndarray:
+    """The setup motion alone as a 4x4 map of image points: ``phi_setup(p) = rot^T (p - shift)`` in the phantom
+    frame, conjugated by the phantom's placement in the image."""
+    rot = rotation_matrix(drawn.setup_angles)
+    setup = np.eye(4)
+    setup[:3, :3] = rot.T
+    setup[:3, 3] = rot.T @ (placement.offset - drawn.setup_shift) - placement.offset
+    return setup
+
+
 def deform_real_ct(
     image: sitk.Image,
     seed: int = 0,
@@ -338,28 +363,16 @@ def deform_real_ct(
     ddf = from_phantom_axes(ddf_grid, image, is_ddf=True)
     del ddf_grid
 
-    hu = resample_with_ddf(image, image, ddf, order=1, default_value=_AIR_HU)
     if noise_hu is None:
         noise_hu = site.noise_sd_for(image.GetSpacing())
-    if noise_hu > 0:
-        voxel = float(np.prod(image.GetSpacing()))
-        add_noise(
-            np.random.default_rng([seed, _IMAGING, 0]), hu, tuple(image.GetSpacing()),
-            SiteProfile(noise_sd_hu=float(noise_hu), noise_reference_voxel_mm3=voxel),
-        )  # fmt: skip
-    hu = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
-    daily = image_from_array(hu, image)
+    daily = _deformed_scan(image, ddf, noise_hu, np.random.default_rng([seed, _IMAGING, 0]))
 
     # Planning contours: the phantom's organs evaluated at the image's voxel centres (no resampling).
     texture = TextureField.random(np.random.default_rng([seed, _TEXTURE]), lo - 5.0, hi + 5.0, spacing=6.0)
     labels = from_phantom_axes(render(anatomy, texture, grid).labels, image)
     planning_labels = image_from_array(labels, image)
 
-    # Setup alone, in the image frame: phi_setup(p) = rot^T (p - shift) in the phantom frame, conjugated by S.
-    rot = rotation_matrix(drawn.setup_angles)
-    setup = np.eye(4)
-    setup[:3, :3] = rot.T
-    setup[:3, 3] = rot.T @ (placement.offset - drawn.setup_shift) - placement.offset
+    setup = _setup_in_image_frame(drawn, placement)
     info: dict[str, object] = {
         **drawn.summary(),
         **stats,

@@ -21,9 +21,6 @@ Typical use::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import AnatomyRanges, PhantomConfig, SiteProfile
-from .dataset import write_dataset
+from .dataset import check_count, staged_folder, write_dataset
 
 __all__ = ["INSTITUTES", "Institute", "site_folder_name", "site_seed", "write_multisite_dataset"]
 
@@ -139,21 +136,13 @@ def write_multisite_dataset(
         ValueError: for bad counts or seed, or an empty ``institutes``.
         FileExistsError: if ``out_dir`` exists and is not an empty folder.
     """
-    if not isinstance(n_sites, int) or n_sites < 1:
-        raise ValueError(f"n_sites must be a positive integer, got {n_sites!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_count("n_sites", n_sites)
+    check_count("seed", seed, minimum=0)
     if not institutes:
         raise ValueError("institutes must name at least one profile")
     config = config or PhantomConfig()
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same all-or-nothing rule as write_dataset: build in a hidden sibling, rename at the end.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(out_dir) as staging:  # the same all-or-nothing rule as write_dataset
         summary: dict[str, object] = {}
         for k in range(n_sites):
             institute = institutes[k % len(institutes)]
@@ -170,10 +159,4 @@ def write_multisite_dataset(
             )
             summary[name] = {"institute": institute.name, "description": institute.description, "seed": seed}
         (staging / "sites.json").write_text(json.dumps(summary, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return [out_dir / site_folder_name(k) / "datalist.json" for k in range(n_sites)]
