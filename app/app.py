@@ -48,12 +48,16 @@ _REPO_BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
 _USER_ERRORS = SESSION_ERRORS
 
 
-def _model_argument(argv: Sequence[str]) -> str | None:
-    """The value of ``-m``/``--model`` in ``argv``, if given."""
+def _option_value(argv: Sequence[str], short: str, long: str) -> str | None:
+    """The value of ``short``/``long`` (``-m``/``--model``) in ``argv``, if given.
+
+    Read here rather than with the SDK's ``parse_args``, which creates the ``-o`` folder and exits on a missing ``-m``
+    path while parsing: the app must hold the output folder first and name a missing bundle in its own message.
+    """
     for n, arg in enumerate(argv[1:], start=1):
-        if arg in ("-m", "--model") and n + 1 < len(argv):
+        if arg in (short, long) and n + 1 < len(argv):
             return argv[n + 1]
-        if arg.startswith("--model="):
+        if arg.startswith(f"{long}="):
             return arg.split("=", 1)[1]
     return None
 
@@ -68,7 +72,7 @@ def resolve_bundle(argv: Sequence[str]) -> Path:
         BundleError: if no bundle (a folder with ``configs/inference.json``) is found there, or it has no
             ``models/model.pt``.
     """
-    given = _model_argument(argv) or os.environ.get("HOLOSCAN_MODEL_PATH")
+    given = _option_value(argv, "-m", "--model") or os.environ.get("HOLOSCAN_MODEL_PATH")
     path = Path(given).resolve() if given else _REPO_BUNDLE
     if path.is_file() and path.parent.name == "models":
         path = path.parent.parent
@@ -157,15 +161,6 @@ class ProstateJRSApp(Application):
             self.add_flow(writer, publisher, {("paths", port)})
 
 
-def _output_argument(argv: Sequence[str]) -> Path | None:
-    for n, arg in enumerate(argv[1:], start=1):
-        if arg in ("-o", "--output") and n + 1 < len(argv):
-            return Path(argv[n + 1]).absolute()
-        if arg.startswith("--output="):
-            return Path(arg.split("=", 1)[1]).absolute()
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the app; returns the exit status (0 success, 1 an error the user can act on).
 
@@ -173,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the command line, program name first (``sys.argv``).
     """
     argv = list(sys.argv if argv is None else argv)
-    output = _output_argument(argv) or Path(os.environ.get("HOLOSCAN_OUTPUT_PATH", "output")).absolute()
+    output = Path(_option_value(argv, "-o", "--output") or os.environ.get("HOLOSCAN_OUTPUT_PATH", "output")).absolute()
     existed = output.exists()
     start = time.perf_counter()
     app = ProstateJRSApp(argv)

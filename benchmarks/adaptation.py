@@ -19,7 +19,8 @@ its load), ``adaptation.json``, ``per_case.csv`` and ``adaptation_msd.png``. The
 Usage::
 
     python benchmarks/adaptation.py [--data D] [--patients 4 --fractions 5 --seed 7014 --spacing 2]
-        [--approved 1 2] [--steps N] [--learning-rate LR] [--[no-]freeze-norm] [--threads 2] [--bundle bundle]
+        [--approved 1 2] [--steps N] [--learning-rate LR] [--[no-]freeze-norm] [--threads 2] [--device cpu]
+        [--bundle bundle]
         [--work W] [--out benchmarks/results/adaptation] [--no-refine] [--tiny]
 
 Patient bundles already under ``--work`` with the same budget are reused, and so are the scores of a model (by the
@@ -84,6 +85,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keep the batch-norm statistics during adaptation (default as prostate-jrs adapt)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="adaptation and scoring device (default cpu)"
+    )
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "adaptation_runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "adaptation")
@@ -381,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = _tiny_bundle(args.work) if args.tiny else args.bundle
     folders = fraction_folders(data, args.work / "sessions")
     settings = AdaptSettings(
-        steps=args.steps, learning_rate=args.learning_rate, device="cpu", freeze_norm=args.freeze_norm
+        steps=args.steps, learning_rate=args.learning_rate, device=args.device, freeze_norm=args.freeze_norm
     )
     last = max(args.approved)
     rows: list[dict[str, Any]] = []
@@ -401,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in sorted(f for f in fractions if last < f <= args.fractions):
             print(f"scoring {pid} fraction {k}", flush=True)
             for row in evaluate_fraction(
-                fractions[k].scan, fractions[k].truth, models, not args.no_refine, "cpu", args.work / "scores"
+                fractions[k].scan, fractions[k].truth, models, not args.no_refine, args.device, args.work / "scores"
             ):
                 rows.append({"case": f"{pid}_f{k:02d}", "patient": pid, "fraction": k, **row})
         table = write_report(args, rows, seconds, done, load_start)
