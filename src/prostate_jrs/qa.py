@@ -110,9 +110,10 @@ def quality_report(
     Returns:
         The report (module docstring); values that do not exist (a structure missing from a path) are ``None``.
     """
-    structures, structure_flags = _structures_report(
-        reg, seg, final, daily_grid, planning_labels, planning_grid, contour_source, settings
-    )
+    # volume (ml) of each planning label
+    planning_ml = label_counts(planning_labels) * (float(np.prod(planning_grid.GetSpacing())) / 1000.0)
+    spacing = tuple(float(s) for s in daily_grid.GetSpacing())
+    structures, structure_flags = _structures_report((reg, seg, final), spacing, planning_ml, contour_source, settings)
     ddf, ddf_flags = _ddf_report(model_ddf, body_mask, settings)
     rigid_report, rigid_flags = _rigid_report(rigid, settings)
     flags = structure_flags + ddf_flags + rigid_flags
@@ -120,29 +121,32 @@ def quality_report(
 
 
 def _structures_report(
-    reg: np.ndarray,
-    seg: np.ndarray,
-    final: np.ndarray,
-    daily_grid: sitk.Image,
-    planning_labels: np.ndarray,
-    planning_grid: sitk.Image,
+    paths: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing: tuple[float, ...],
+    planning_ml: np.ndarray,
     contour_source: dict[str, str],
     settings: QALimits,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Per structure: agreement of the two paths, final and planning volumes; and the flags they raise."""
-    spacing = tuple(float(s) for s in daily_grid.GetSpacing())
+    """Per structure: agreement of the two paths, final and planning volumes; and the flags they raise.
+
+    Args:
+        paths: registration path, segmentation path and final contours on the daily grid.
+        spacing: the daily grid's voxel size (mm).
+        planning_ml: planning volume (ml) per label.
+        contour_source: structure -> path used for the final contours.
+        settings: thresholds of the flags.
+    """
+    reg, seg, final = paths
     box = _crop_box(reg, seg, final)
     agreement = structure_metrics(reg[box], seg[box], spacing)
     daily_ml = float(np.prod(spacing)) / 1000.0
-    planning_ml = float(np.prod(planning_grid.GetSpacing())) / 1000.0
     flags: list[str] = []
-    planning_counts = label_counts(planning_labels)
     structures: dict[str, dict[str, Any]] = {}
     for structure in STRUCTURES:
         name = structure.name
         pair = agreement[name]
         volume = float(np.count_nonzero(final[box] == structure.label)) * daily_ml
-        planned = float(planning_counts[structure.label] if structure.label < planning_counts.size else 0) * planning_ml
+        planned = float(planning_ml[structure.label]) if structure.label < planning_ml.size else 0.0
         change = volume - planned
         change_pct = 100.0 * change / planned if planned > 0 else math.nan
         structures[name] = {
