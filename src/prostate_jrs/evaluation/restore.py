@@ -25,7 +25,7 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 
 from prostate_jrs.evaluation.contours import compose_contours
-from prostate_jrs.geometry import ddf_vector_map, field_of_view_mask, label_box, resample_to_grid
+from prostate_jrs.geometry import ddf_vector_map, field_of_view_mask, identity_grid, label_box, resample_to_grid
 from prostate_jrs.labels import SINGLE_COMPONENT_LABELS
 
 __all__ = [
@@ -89,14 +89,7 @@ def compose_rigid(ddf: np.ndarray, affine: np.ndarray, daily_to_planning: np.nda
     shape = field.shape[1:]
     for k0 in range(0, shape[2], slab):
         k1 = min(k0 + slab, shape[2])
-        grid = np.stack(
-            np.meshgrid(
-                np.arange(shape[0], dtype=np.float64),
-                np.arange(shape[1], dtype=np.float64),
-                np.arange(k0, k1, dtype=np.float64),
-                indexing="ij",
-            )
-        )
+        grid = identity_grid((shape[0], shape[1], k1 - k0), np.float64, start=(0, 0, k0))
         points = grid + field[:, :, :, k0:k1]
         out[:, :, :, k0:k1] = np.tensordot(mapping[:3, :3], points, axes=1) + mapping[:3, 3, None, None, None] - grid
     return out
