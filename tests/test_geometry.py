@@ -9,6 +9,7 @@ from monai.networks.blocks import Warp
 from prostate_jrs.geometry import (
     array_from_image,
     array_view,
+    identity_grid,
     image_from_array,
     index_to_world,
     label_counts,
@@ -96,3 +97,10 @@ def test_label_counts_match_bincount_for_every_layout() -> None:
     assert label_counts(np.zeros((2, 2, 2), dtype=np.uint8)).tolist() == [8]
     with pytest.raises(ValueError, match="negative"):
         label_counts(np.full((2, 2, 2), -1, dtype=np.int16))
+
+
+def test_identity_grid_of_a_slab_is_that_part_of_the_whole_grid() -> None:
+    whole = identity_grid((4, 3, 10), np.float64)
+    slab = identity_grid((4, 3, 5), np.float64, start=(0, 0, 3))
+    assert slab.dtype == np.float64 and slab.shape == (3, 4, 3, 5)
+    np.testing.assert_array_equal(slab, whole[:, :, :, 3:8])

@@ -283,3 +283,16 @@ def test_restoring_around_the_model_grid_matches_the_whole_daily_grid(patient: P
     for name in ("reg", "seg", "labels"):
         np.testing.assert_array_equal(array_from_image(boxed.image(name, daily)), getattr(whole, name), err_msg=name)
     np.testing.assert_array_equal(boxed.fov(daily.GetSize()), whole.fov)
+
+
+def test_default_settings_derive_the_tile_output_size(patient: Patient) -> None:
+    planning, daily = patient.planning, patient.fractions[0].image
+    derived = run_pipeline(planning.image, planning.labels, daily, EchoNet(), replace(TINY, output_size=None))
+    given = run_pipeline(planning.image, planning.labels, daily, EchoNet(), TINY)
+    for name in ("labels", "reg", "seg"):
+        assert np.array_equal(array_from_image(getattr(derived, name)), array_from_image(getattr(given, name)))
+    assert np.array_equal(derived.model_ddf, given.model_ddf)
+
+    result = run_pipeline(planning.image, planning.labels, daily, EchoNet(), PipelineSettings())  # 96^3 tiles, 1 mm
+    assert _same_geometry(result.labels, daily)
+    assert result.model_grid.GetSpacing() == pytest.approx((1.0, 1.0, 1.0))

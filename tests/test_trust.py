@@ -11,7 +11,14 @@ import pytest
 
 from prostate_jrs.pipeline import BundleError, load_bundle
 from prostate_jrs.tiny_bundle import write_tiny_bundle
-from prostate_jrs.trust import MODEL_HASH_KEY, main, model_hash_problem, record_model_hash, sha256_file
+from prostate_jrs.trust import (
+    MODEL_HASH_KEY,
+    main,
+    model_hash_problem,
+    record_model_hash,
+    sha256_file,
+    write_bundle,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +63,25 @@ def test_no_recorded_hash_and_bad_metadata(tmp_path: Path) -> None:
         record_model_hash(bundle)
     with pytest.raises(FileNotFoundError, match=r"model\.pt"):
         record_model_hash(tmp_path)
+
+
+def test_write_bundle_publishes_complete_bundles_only(tmp_path: Path) -> None:
+    def fill(staging: Path) -> None:
+        shutil.copytree(REPO / "bundle" / "configs", staging / "configs")
+        (staging / "models").mkdir()
+        (staging / "models" / "model.pt").write_bytes(b"new weights")
+
+    out = write_bundle(tmp_path / "new", fill)
+    assert out == tmp_path / "new"
+    assert model_hash_problem(out) is None  # the new weights' hash is recorded
+    assert json.loads((out / "configs" / "metadata.json").read_text())[MODEL_HASH_KEY] == sha256_file(
+        out / "models" / "model.pt"
+    )
+
+    def fail(staging: Path) -> None:
+        fill(staging)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_bundle(tmp_path / "broken", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # neither the bundle nor its staging folder

@@ -29,56 +29,85 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prostate_jrs.errors import ProstateJRSError
 
 if TYPE_CHECKING:
+    from prostate_jrs.labels import SynonymTable
     from prostate_jrs.phantom import PhantomConfig
 
 __all__ = ["build_parser", "main"]
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_T = TypeVar("_T", int, float)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+def _checked(convert: Callable[[str], _T], accept: Callable[[_T], bool], expected: str) -> Callable[[str], _T]:
+    """An argparse type: ``convert`` the text and refuse what ``accept`` rejects; errors read "expected <expected>"."""
 
-
-def _positive_number(unit: str) -> Callable[[str], float]:
-    """An argparse type for a positive number of ``unit`` (named in its error message)."""
-
-    def parse(text: str) -> float:
+    def parse(text: str) -> _T:
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     return parse
 
 
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda value: value >= 0, "a non-negative integer")
+_fraction = _checked(float, lambda value: 0.0 <= value < 1.0, "a fraction between 0 and 1")
+
+
+def _positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse type for a positive number of ``unit`` (named in its error message)."""
+    return _checked(float, lambda value: value > 0, f"a positive number of {unit}")
+
+
+def _subcommand(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """Declare subcommand ``name``: ``summary`` in the command list, ``description`` in its help, ``run`` does it."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=summary, description=description)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_synonyms_option(parser: argparse.ArgumentParser) -> None:
+    """``--synonyms FILE``: ROI names a site adds to :class:`prostate_jrs.labels.SynonymTable`'s defaults."""
+    parser.add_argument(
+        "--synonyms",
+        metavar="FILE",
+        help='extra ROI names, JSON {"prostate": ["CTV_P", ...], ...} (added to the defaults)',
+    )
+
+
+def _synonyms(args: argparse.Namespace) -> SynonymTable | None:
+    """The table of ``--synonyms``; ``None`` for the defaults."""
+    from prostate_jrs.labels import SynonymTable
+
+    return SynonymTable.from_file(args.synonyms) if args.synonyms else None
+
+
+def _add_device_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--device``: the torch device; ``default`` says in the help what is used without it."""
+    parser.add_argument("--device", default=None, help=f"torch device (default: {default})")
+
+
 def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "synth",
-        help="write a synthetic pelvis dataset (NIfTI + datalist.json)",
-        description=(
+        _run_synth,
+        "write a synthetic pelvis dataset (NIfTI + datalist.json)",
+        (
             "Generate synthetic male-pelvis CT patients (planning scan + daily scans with known deformation) "
             "and write NIfTI images, label maps, ground-truth DDFs and a MONAI datalist.json split by patient."
         ),
@@ -129,7 +158,6 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "links them to the ground truth"
         ),
     )
-    parser.set_defaults(run=_run_synth)
     return parser
 
 
@@ -187,11 +215,42 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The node's limits and timings: flag, type, default, metavar, help (the default is appended to the help).
+_NODE_LIMITS: tuple[tuple[str, Callable[[str], float], float, str, str], ...] = (
+    (
+        "--quiet-seconds", _positive_number("seconds"), 20.0, "S",
+        "a patient's session is complete S seconds after its last association ended, if nothing more of it arrived",
+    ),
+    (
+        "--quota-gb", _positive_number("GB"), 50.0, "G",
+        "most the work folder may hold; instances beyond are refused with status A700",
+    ),
+    (
+        "--retention-days", _positive_number("days"), 7.0, "D",
+        "delete finished jobs (done or failed) D days after they finished",
+    ),
+    ("--send-attempts", _positive_int, 3, "N", "C-STORE tries of the results"),
+    ("--retry-seconds", _positive_number("seconds"), 10.0, "S", "pause between attempts"),
+    ("--job-timeout-minutes", _positive_number("minutes"), 60.0, "M", "stop a job's processing after M minutes"),
+    ("--max-jobs", _positive_int, 1, "N", "jobs processed at once, of different patients"),
+)  # fmt: skip
+
+
+def _add_numeric_options(
+    parser: argparse.ArgumentParser, options: Sequence[tuple[str, Callable[[str], float], float, str, str]]
+) -> None:
+    """Add optional numbers from (flag, type, default, metavar, help) rows; each help ends with its default."""
+    for flag, kind, default, metavar, text in options:
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {default:g})")
+
+
 def _add_node(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "node",
-        help="run a DICOM node: receive sessions by C-STORE, run the pipeline, send results back",
-        description=(
+        _run_node,
+        "run a DICOM node: receive sessions by C-STORE, run the pipeline, send results back",
+        (
             "A DICOM storage SCP (C-STORE, C-ECHO) in front of the pipeline. It keeps CT and RTSTRUCT instances "
             "(other storage classes are refused with status 0122), groups them by patient, treats a patient's "
             "session as complete when its associations have ended and nothing of it arrived for --quiet-seconds, "
@@ -213,35 +272,8 @@ def _add_node(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="calling AE title allowed to connect (repeat for several); default: any",
     )  # fmt: skip
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument(
-        "--quiet-seconds", type=_positive_number("seconds"), default=20.0, metavar="S",
-        help="a patient's session is complete S seconds after its last association ended, if nothing more of it "
-        "arrived (default 20)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--quota-gb", type=_positive_number("GB"), default=50.0, metavar="G",
-        help="most the work folder may hold; instances beyond are refused with status A700 (default 50)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--retention-days", type=_positive_number("days"), default=7.0, metavar="D",
-        help="delete finished jobs (done or failed) D days after they finished (default 7)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--send-attempts", type=_positive_int, default=3, metavar="N", help="C-STORE tries of the results (default 3)"
-    )
-    parser.add_argument(
-        "--retry-seconds", type=_positive_number("seconds"), default=10.0, metavar="S",
-        help="pause between attempts (default 10)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--job-timeout-minutes", type=_positive_number("minutes"), default=60.0, metavar="M",
-        help="stop a job's processing after M minutes (default 60)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-jobs", type=_positive_int, default=1, metavar="N",
-        help="jobs processed at once, of different patients (default 1)",
-    )  # fmt: skip
-    parser.add_argument("--device", default=None, help="torch device (default: $PROSTATE_JRS_DEVICE, else cuda if any)")
+    _add_numeric_options(parser, _NODE_LIMITS)
+    _add_device_option(parser, "$PROSTATE_JRS_DEVICE, else cuda if any")
     parser.add_argument(
         "--app-command", default=None, metavar="CMD",
         help=(
@@ -249,7 +281,6 @@ def _add_node(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
             "by the job's folders and the bundle; CMD must write the app's outputs into {output}"
         ),
     )  # fmt: skip
-    parser.set_defaults(run=_run_node)
     return parser
 
 
@@ -293,21 +324,13 @@ def _run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
-    return value
-
-
 def _add_import(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "import",
-        help="turn a hospital's DICOM archive into a pseudonymised dataset (NIfTI + datalist.json)",
-        description=(
+        _run_import,
+        "turn a hospital's DICOM archive into a pseudonymised dataset (NIfTI + datalist.json)",
+        (
             "Scan a DICOM archive export (a planning system's or PACS export: many patients, nested folders, other "
             "modalities, duplicates, non-DICOM files), find per patient the planning CT + RTSTRUCT and every daily "
             "CT with or without its approved RTSTRUCT, align each pair rigidly on bone as the app does, and write "
@@ -318,11 +341,7 @@ def _add_import(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     parser.add_argument("root", metavar="DICOM_ROOT", help="root folder of the archive export (searched recursively)")
     parser.add_argument("out", metavar="OUT", help="dataset folder: new, empty, or an earlier import to resume")
-    parser.add_argument(
-        "--synonyms",
-        metavar="FILE",
-        help='extra ROI names, JSON {"prostate": ["CTV_P", ...], ...} (added to the defaults)',
-    )
+    _add_synonyms_option(parser)
     parser.add_argument(
         "--validation-fraction", type=_fraction, default=0.2, metavar="F", help="share of patients for validation"
     )
@@ -351,7 +370,6 @@ def _add_import(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         help="CSV of overrides, one 'PatientID,RTSTRUCT SOP Instance UID' per line: that patient's planning RTSTRUCT",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run_import)
     return parser
 
 
@@ -376,10 +394,9 @@ def _planning_overrides(path: str | None) -> dict[str, str]:
 def _run_import(args: argparse.Namespace) -> int:
     from prostate_jrs.datasets.importer import ImportSettings, import_archive
     from prostate_jrs.datasets.report import summary_lines
-    from prostate_jrs.labels import SynonymTable
 
     settings = ImportSettings(
-        synonyms=SynonymTable.from_file(args.synonyms) if args.synonyms else None,
+        synonyms=_synonyms(args),
         planning_rule=args.planning_rule,
         planning_overrides=_planning_overrides(args.planning),
         validation_fraction=args.validation_fraction,
@@ -401,10 +418,12 @@ def _run_import(args: argparse.Namespace) -> int:
 def _add_adapt(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from prostate_jrs.adaptation.finetune import DEFAULT_LEARNING_RATE, DEFAULT_STEPS
 
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "adapt",
-        help="fine-tune the bundle on one patient's approved fractions; write a bundle for that patient only",
-        description=(
+        _run_adapt,
+        "fine-tune the bundle on one patient's approved fractions; write a bundle for that patient only",
+        (
             "Patient-specific adaptation. Each DIR holds an approved fraction of one patient: planning CT + planning "
             "RTSTRUCT + daily CT + the daily RTSTRUCT a clinician approved (a folder may hold several fractions). "
             "The bundle's network is fine-tuned with its own train.json trainer on the planning -> approved daily "
@@ -432,26 +451,20 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of patches and deformations"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: a GPU when there is one, else the CPU)")
-    parser.add_argument(
-        "--synonyms",
-        metavar="FILE",
-        help='extra ROI names, JSON {"prostate": ["CTV_P", ...], ...} (added to the defaults)',
-    )
-    parser.set_defaults(run=_run_adapt)
+    _add_device_option(parser, "a GPU when there is one, else the CPU")
+    _add_synonyms_option(parser)
     return parser
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from prostate_jrs.adaptation.finetune import AdaptSettings
     from prostate_jrs.adaptation.runner import adapt_patient
-    from prostate_jrs.labels import SynonymTable
 
     settings = AdaptSettings(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, device=args.device)
     start = time.perf_counter()
     result = adapt_patient(
         args.bundle, args.sessions, args.out, settings,
-        synonyms=SynonymTable.from_file(args.synonyms) if args.synonyms else None,
+        synonyms=_synonyms(args),
         progress=lambda message: print(f"  {message} ({time.perf_counter() - start:.0f} s)", flush=True),
     )  # fmt: skip
     record = result.training

@@ -132,9 +132,19 @@ def world_to_index(image: sitk.Image) -> np.ndarray:
     return np.linalg.inv(index_to_world(image))
 
 
-def identity_grid(shape: tuple[int, int, int], dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """Index coordinates of every voxel, shape ``(3, *shape)``."""
-    return np.stack(np.meshgrid(*(np.arange(n, dtype=dtype) for n in shape), indexing="ij"))
+def identity_grid(
+    shape: tuple[int, int, int], dtype: np.dtype | type = np.float32, start: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
+    """Index coordinates of every voxel of a block, shape ``(3, *shape)``.
+
+    Args:
+        shape: the block's size.
+        dtype: of the coordinates.
+        start: index of the block's first voxel (e.g. ``(0, 0, k0)`` for a slab of slices from ``k0`` on).
+    """
+    return np.stack(
+        np.meshgrid(*(np.arange(a, a + n, dtype=dtype) for a, n in zip(start, shape, strict=True)), indexing="ij")
+    )
 
 
 def _sampling_grid(
@@ -288,7 +298,7 @@ def field_of_view_mask(
         return mask
     mask = np.empty(shape, dtype=bool)
     for k in range(shape[2]):  # oblique grids: slice by slice, in float64
-        index = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), [k], indexing="ij")).astype(np.float64)
+        index = identity_grid((shape[0], shape[1], 1), np.float64, start=(0, 0, k))
         points = np.tensordot(linear, index, axes=1) + mapping[:3, 3, None, None, None]
         mask[:, :, k : k + 1] = np.all([(points[a] >= 0) & (points[a] <= n - 1) for a, n in enumerate(src_shape)], 0)
     return mask

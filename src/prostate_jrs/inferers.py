@@ -171,27 +171,73 @@ class ValidPatchInferer(Inferer):
         source = inputs if isinstance(inputs, MetaTensor) else None
         if source is not None:
             inputs = source.as_tensor()  # tiles are plain crops; the metadata goes back onto the result
-        batch, channels, *spatial = inputs.shape
-        if self.includes_context:
-            if any(s <= 2 * b for s, b in zip(spatial, self.border, strict=True)):
-                raise ValueError(f"inputs {tuple(spatial)} are not larger than their context border {self.border}")
-            offset: tuple[int, ...] = (0, 0, 0)
-            spatial = [s - 2 * b for s, b in zip(spatial, self.border, strict=True)]
-        else:
-            offset = self.border
+        spatial, offset = self._output_region(tuple(inputs.shape[2:]))
         sw_device = self.sw_device or inputs.device
-        out_device = self.device or inputs.device
         tiles_per_axis, output_size = self.tile_layout(spatial)
-        patch_size = tuple(o + 2 * b for o, b in zip(output_size, self.border, strict=True))
-        padded_size = [n * o + 2 * b for n, o, b in zip(tiles_per_axis, output_size, self.border, strict=True)]
+        padded = self._padded(inputs, tiles_per_axis, output_size, offset)
+        run = (
+            inference_network(network, self.backend, sw_device, self.onnx_file)
+            if isinstance(network, nn.Module)
+            else network
+        )
+        result = self._stitched(
+            padded, run, tiles_per_axis, output_size, sw_device, self.device or inputs.device, args, kwargs
+        )
+        if hasattr(run, "release"):  # an engine's buffers are not kept through what follows the network
+            run.release()
+        result = result[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        if source is not None and not self.includes_context:  # same grid: affine and history stay valid
+            result = MetaTensor(result, meta=source.meta, applied_operations=list(source.applied_operations))
+        return result
 
-        # per-sample, per-channel minimum: air for CT, background (0) for the label map
+    def _output_region(self, spatial: tuple[int, ...]) -> tuple[list[int], tuple[int, ...]]:
+        """The output's spatial size for inputs of ``spatial`` voxels, and where the inputs sit in the padded
+        volume: at the origin when they carry their context, else one border in.
+
+        Raises:
+            ValueError: with ``includes_context``, if the inputs are not larger than their context border.
+        """
+        if not self.includes_context:
+            return list(spatial), self.border
+        if any(s <= 2 * b for s, b in zip(spatial, self.border, strict=True)):
+            raise ValueError(f"inputs {tuple(spatial)} are not larger than their context border {self.border}")
+        return [s - 2 * b for s, b in zip(spatial, self.border, strict=True)], (0, 0, 0)
+
+    def _padded(
+        self,
+        inputs: torch.Tensor,
+        tiles_per_axis: tuple[int, int, int],
+        output_size: tuple[int, int, int],
+        offset: tuple[int, ...],
+    ) -> torch.Tensor:
+        """``inputs`` at ``offset`` in a volume the tiles cover exactly, filled with each sample's and channel's
+        minimum: air for CT, background (0) for the label map."""
+        batch, channels = inputs.shape[:2]
+        padded_size = [n * o + 2 * b for n, o, b in zip(tiles_per_axis, output_size, self.border, strict=True)]
         fill = inputs.reshape(batch, channels, -1).amin(dim=2)
         padded = fill[:, :, None, None, None].expand(batch, channels, *padded_size).clone()
         bx, by, bz = offset
         sx, sy, sz = inputs.shape[2:]
         padded[:, :, bx : bx + sx, by : by + sy, bz : bz + sz] = inputs
+        return padded
 
+    def _stitched(
+        self,
+        padded: torch.Tensor,
+        run: Callable[..., torch.Tensor],
+        tiles_per_axis: tuple[int, int, int],
+        output_size: tuple[int, int, int],
+        sw_device: torch.device,
+        out_device: torch.device,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Run the tiles of ``padded`` through ``run``, ``tile_batch_size`` at a time, and place their outputs.
+
+        Raises:
+            ValueError: if the network returns no tensor or not ``output_size`` per tile.
+        """
+        batch = padded.shape[0]
         origins = [
             (b, i * output_size[0], j * output_size[1], k * output_size[2])
             for b in range(batch)
@@ -199,15 +245,10 @@ class ValidPatchInferer(Inferer):
             for j in range(tiles_per_axis[1])
             for k in range(tiles_per_axis[2])
         ]
-        px, py, pz = patch_size
+        px, py, pz = (o + 2 * b for o, b in zip(output_size, self.border, strict=True))
         ox, oy, oz = output_size
         result: torch.Tensor | None = None
         use_amp = self.amp and sw_device.type == "cuda"
-        run = (
-            inference_network(network, self.backend, sw_device, self.onnx_file)
-            if isinstance(network, nn.Module)
-            else network
-        )
         for start in range(0, len(origins), self.tile_batch_size):
             chunk = origins[start : start + self.tile_batch_size]
             tiles = torch.stack([padded[b, :, x : x + px, y : y + py, z : z + pz] for b, x, y, z in chunk])
@@ -226,12 +267,7 @@ class ValidPatchInferer(Inferer):
                 result = torch.zeros(batch, out.shape[1], *full, device=out_device, dtype=torch.float32)
             for (b, x, y, z), tile_out in zip(chunk, out, strict=True):
                 result[b, :, x : x + ox, y : y + oy, z : z + oz] = tile_out
-        if hasattr(run, "release"):  # an engine's buffers are not kept through what follows the network
-            run.release()
         assert result is not None  # at least one tile exists for a non-empty volume
-        result = result[:, :, : spatial[0], : spatial[1], : spatial[2]]
-        if source is not None and not self.includes_context:  # same grid: affine and history stay valid
-            result = MetaTensor(result, meta=source.meta, applied_operations=list(source.applied_operations))
         return result
 
 

@@ -219,30 +219,45 @@ class JRSLoss(nn.Module):
 
         parts: dict[str, torch.Tensor] = {}
         if "ddf" in outputs:
-            ncc, bending, seg_reg = [], [], []
-            moving_onehot = labels_to_onehot(moving_label, self.num_classes) if fixed_label is not None else None
-            for ddf, border, stride in zip(outputs["ddf"], BORDERS, STRIDES, strict=True):
-                size = tuple(ddf.shape[2:])
-                warped = warp_patch(moving_image, ddf, border, stride)
-                ncc.append(self.ncc(warped, crop_and_decimate(fixed_image, border, stride, size)))
-                bending.append(self.bending(ddf))
-                if moving_onehot is not None and fixed_label is not None:
-                    warped_labels = warp_patch(moving_onehot.to(ddf.dtype), ddf, border, stride)
-                    target = crop_and_decimate(fixed_label, border, stride, size)
-                    seg_reg.append(self.warped_dice(warped_labels, target))
-            parts["ncc"] = self._levels(ncc)
-            parts["bending"] = self._levels(bending)
-            parts["reg"] = parts["ncc"] + self.bending_weight * parts["bending"]
-            if seg_reg:
-                value = self._levels(seg_reg)
-                parts["seg_reg"] = value if "seg_reg" in self.terms else value.detach()
+            parts.update(self._registration_terms(outputs["ddf"], fixed_image, moving_image, moving_label, fixed_label))
         if "logits" in outputs and fixed_label is not None:
             seg = []
             for logits, border, stride in zip(outputs["logits"], BORDERS, STRIDES, strict=True):
                 target = crop_and_decimate(fixed_label, border, stride, tuple(logits.shape[2:]))
                 seg.append(self.seg_dice(logits, target))
             parts["seg"] = self._levels(seg)
+        return self._weighted(parts)
 
+    def _registration_terms(
+        self,
+        ddfs: Sequence[torch.Tensor],
+        fixed_image: torch.Tensor,
+        moving_image: torch.Tensor,
+        moving_label: torch.Tensor,
+        fixed_label: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """``ncc``, ``bending`` and ``reg`` of the multi-scale DDFs; with ``fixed_label`` also ``seg_reg`` (detached
+        unless it is a term)."""
+        ncc, bending, seg_reg = [], [], []
+        moving_onehot = labels_to_onehot(moving_label, self.num_classes) if fixed_label is not None else None
+        for ddf, border, stride in zip(ddfs, BORDERS, STRIDES, strict=True):
+            size = tuple(ddf.shape[2:])
+            warped = warp_patch(moving_image, ddf, border, stride)
+            ncc.append(self.ncc(warped, crop_and_decimate(fixed_image, border, stride, size)))
+            bending.append(self.bending(ddf))
+            if moving_onehot is not None and fixed_label is not None:
+                warped_labels = warp_patch(moving_onehot.to(ddf.dtype), ddf, border, stride)
+                target = crop_and_decimate(fixed_label, border, stride, size)
+                seg_reg.append(self.warped_dice(warped_labels, target))
+        parts = {"ncc": self._levels(ncc), "bending": self._levels(bending)}
+        parts["reg"] = parts["ncc"] + self.bending_weight * parts["bending"]
+        if seg_reg:
+            value = self._levels(seg_reg)
+            parts["seg_reg"] = value if "seg_reg" in self.terms else value.detach()
+        return parts
+
+    def _weighted(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss``, the weighted total of the terms (kept for DWA's epoch average), with the parts and weights."""
         losses = torch.stack([parts[t] for t in self.terms])
         weights = self.weights().to(losses)
         if self.log_vars is not None:

@@ -28,7 +28,16 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class StructureMetrics:
+class _MetricRecord:
+    """Base of the metric records: named floats that tables and JSON take as a plain dictionary."""
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain dictionary for tables and JSON."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StructureMetrics(_MetricRecord):
     """Agreement of one structure between a prediction and a reference.
 
     ``msd_mm`` and ``hd95_mm`` are NaN where either mask is empty (no surface to measure).
@@ -40,13 +49,9 @@ class StructureMetrics:
     volume_ml: float
     reference_volume_ml: float
 
-    def as_dict(self) -> dict[str, float]:
-        """Plain dictionary for tables and JSON."""
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class DeformationQuality:
+class DeformationQuality(_MetricRecord):
     """Regularity of a displacement field.
 
     Attributes:
@@ -60,10 +65,6 @@ class DeformationQuality:
     jacobian_std: float
     jacobian_min: float
     jacobian_max: float
-
-    def as_dict(self) -> dict[str, float]:
-        """Plain dictionary for tables and JSON."""
-        return asdict(self)
 
 
 def _one_hot(label_map: np.ndarray | torch.Tensor) -> torch.Tensor:

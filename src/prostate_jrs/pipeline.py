@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -55,11 +55,14 @@ from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, res
 from prostate_jrs.geometry import array_view, ddf_to_grid, index_to_world, label_counts, world_to_index
 from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
-from prostate_jrs.preprocessing import PreprocessingError, box_corners, model_grid, model_inputs
+from prostate_jrs.preprocessing import ModelInputs, PreprocessingError, box_corners, model_grid, model_inputs
 from prostate_jrs.qa import quality_report
 from prostate_jrs.refine import RefineSettings, refine_prediction
 from prostate_jrs.rigid import RigidAlignment
 from prostate_jrs.trust import model_hash_problem
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 __all__ = [
     "BundleError",
@@ -220,6 +223,33 @@ def load_bundle(
     from monai.bundle import ConfigParser  # bundle parsing pulls in the config machinery; keep it off import
 
     root = Path(bundle_dir)
+    config_file, weights = _bundle_files(root)
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(root)
+    for key, setting in dict(overrides or {}).items():
+        parser[key] = setting
+    settings = _settings_from_config(parser, device)
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise BundleError(
+            f"{weights}: the weights do not fit network {settings.network_name!r} as configured in {config_file} "
+            f"(network_name / widths): {str(err).splitlines()[0]}"
+        ) from err
+    network.to(device).eval()
+    return network, settings
+
+
+def _bundle_files(root: Path) -> tuple[Path, Path]:
+    """``configs/inference.json`` and ``models/model.pt`` of bundle ``root``, the weights checked against their hash.
+
+    Raises:
+        BundleError: if either file is missing or the weights are not those ``configs/metadata.json`` records.
+    """
     config_file = root / "configs" / "inference.json"
     weights = root / "models" / "model.pt"
     if not config_file.is_file():
@@ -230,11 +260,11 @@ def load_bundle(
         )
     if problem := model_hash_problem(root):  # the weights must be those its metadata.json records
         raise BundleError(problem)
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(root)
-    for key, setting in dict(overrides or {}).items():
-        parser[key] = setting
+    return config_file, weights
+
+
+def _settings_from_config(parser: ConfigParser, device: str) -> PipelineSettings:
+    """The pipeline settings of a parsed ``inference.json``: its values, its inferer's tiling and refinement."""
 
     def value(key: str, default: Any) -> Any:
         return parser.get_parsed_content(key) if key in parser else default
@@ -247,7 +277,7 @@ def load_bundle(
         inferer = inferer.inferer
     if not isinstance(inferer, ValidPatchInferer):
         inferer = ValidPatchInferer(96, None, 2, backend="auto")
-    settings = PipelineSettings(
+    return PipelineSettings(
         network_name=str(value("network_name", "cross_stitch")),
         model_spacing=float(value("model_spacing", 1.0)),
         hu_min=float(value("hu_min", -1000.0)),
@@ -264,18 +294,6 @@ def load_bundle(
         device=device,
         refine=refine,
     )
-    network = parser.get_parsed_content("network_def", instantiate=True)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        raise BundleError(
-            f"{weights}: the weights do not fit network {settings.network_name!r} as configured in {config_file} "
-            f"(network_name / widths): {str(err).splitlines()[0]}"
-        ) from err
-    network.to(device).eval()
-    return network, settings
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -461,104 +479,155 @@ def run_pipeline(
     Raises:
         PipelineError: if the inputs break a safety rule or the contours do not fit the daily CT.
     """
-    timings: dict[str, float] = {}
-    start = clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
-
+    clock = _StageClock()
     labels = _check_inputs(planning_ct, planning_labels, daily_ct)
     if rigid is None:
         rigid = _align(daily_ct, planning_ct) if settings.rigid else RigidAlignment(np.eye(4), None, "none")
-    lap("rigid")
+    clock.lap("rigid")
 
+    inferer = _inferer(settings)
     # the network sees real anatomy, not padding, for its border around the grid (ValidPatchInferer.includes_context)
-    if settings.output_size is None:  # the subtraction below would fail the same way, less clearly
-        raise TypeError("settings.output_size is None: run_pipeline needs the tile's output size (load_bundle sets it)")
-    try:
-        model = model_inputs(
-            daily_ct,
-            planning_ct,
-            planning_labels,
-            rigid.daily_to_planning,
-            spacing=settings.model_spacing,
-            margin_mm=settings.crop_margin_mm,
-            context_voxels=(settings.patch_size - settings.output_size) // 2,
-            hu_min=settings.hu_min,
-            hu_max=settings.hu_max,
-        )
-    except PreprocessingError as err:
-        raise PipelineError(str(err)) from err
-    grid, context_inputs = model.grid, model.image
-    daily_array = model.daily_hu[model.inner]
-    inputs = context_inputs[(slice(None), *model.inner)]
-    lap("preprocess")
+    model = _model_inputs(planning_ct, planning_labels, daily_ct, rigid, settings, context_voxels=inferer.border[0])
+    clock.lap("preprocess")
 
-    device = torch.device(settings.device)
-    inferer = ValidPatchInferer(
+    network.eval()
+    context_tensor = torch.from_numpy(model.image)[None].to(torch.device(settings.device))
+    with torch.inference_mode():
+        pred = inferer(context_tensor, network)
+    clock.lap("network")
+    pred, refine_report = _refine(context_tensor, pred, settings, refine)
+    clock.lap("refine")
+
+    contour_source = settings.resolved_contour_source
+    planning_affine = np.linalg.inv(rigid.daily_to_planning) @ index_to_world(planning_labels)
+    model_ddf = pred[0, :3].detach().cpu().numpy()
+    restored = _restore(pred[0].detach().cpu().numpy(), model.grid, daily_ct, labels, planning_affine, contour_source)
+    images = {name: restored.image(name, daily_ct) for name in ("labels", "reg", "seg")}  # fields of the result
+    clock.lap("restore")
+
+    qa = _quality(restored, model, model_ddf, labels, planning_ct, daily_ct, rigid, settings)
+    qa["refine"] = refine_report
+    clock.lap("qa")
+    timings = clock.finish()
+    qa["timings_s"] = dict(timings)
+    return PipelineResult(
+        **images,
+        model_ddf=model_ddf,
+        rigid=rigid,
+        fov=restored.fov(daily_ct.GetSize()),
+        model_grid=model.grid,
+        contour_source=contour_source,
+        qa=qa,
+        timings=timings,
+    )
+
+
+def _quality(
+    restored: _Restored,
+    model: ModelInputs,
+    model_ddf: np.ndarray,
+    planning_labels: np.ndarray,
+    planning_ct: sitk.Image,
+    daily_ct: sitk.Image,
+    rigid: RigidAlignment,
+    settings: PipelineSettings,
+) -> dict[str, Any]:
+    """:func:`prostate_jrs.qa.quality_report` of a run, on the restored box: every contour voxel lies in it."""
+    return quality_report(
+        reg=restored.box.reg,
+        seg=restored.box.seg,
+        final=restored.box.labels,
+        daily_grid=daily_ct,
+        planning_labels=planning_labels,
+        planning_grid=planning_ct,
+        model_ddf=model_ddf,
+        body_mask=model.daily_hu[model.inner] > settings.body_hu,
+        rigid=rigid,
+        contour_source=settings.resolved_contour_source,
+        settings=settings,
+    )
+
+
+class _StageClock:
+    """Seconds per stage of one run (rounded to ms), and the total."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Record the time since the previous lap (or the start) as ``stage``."""
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self.clock, 3)
+        self.clock = now
+
+    def finish(self) -> dict[str, float]:
+        """The stages' times with ``total``, the time since the start."""
+        self.timings["total"] = round(time.perf_counter() - self.start, 3)
+        return self.timings
+
+
+def _inferer(settings: PipelineSettings) -> ValidPatchInferer:
+    """The tiling inferer of ``settings``; its inputs carry real context (``includes_context``), its output is on
+    the CPU. ``output_size`` ``None`` is the inferer's default, ``patch_size - 40``."""
+    return ValidPatchInferer(
         patch_size=settings.patch_size,
         output_size=settings.output_size,
         tile_batch_size=settings.tile_batch_size,
         amp=settings.amp,
-        sw_device=device,
+        sw_device=torch.device(settings.device),
         device="cpu",
         includes_context=True,
         max_tile_voxels=settings.max_tile_voxels,
         backend=settings.backend,
         onnx_file=settings.onnx_file,
     )
-    network.eval()
-    context_tensor = torch.from_numpy(context_inputs)[None].to(device)
-    with torch.inference_mode():
-        pred = inferer(context_tensor, network)
-    lap("network")
-    refine_report: dict[str, Any] = {"mode": "off"}
+
+
+def _model_inputs(
+    planning_ct: sitk.Image,
+    planning_labels: sitk.Image,
+    daily_ct: sitk.Image,
+    rigid: RigidAlignment,
+    settings: PipelineSettings,
+    context_voxels: int,
+) -> ModelInputs:
+    """:func:`prostate_jrs.preprocessing.model_inputs` with the settings; contours that miss the daily CT are a
+    :class:`PipelineError`."""
+    try:
+        return model_inputs(
+            daily_ct,
+            planning_ct,
+            planning_labels,
+            rigid.daily_to_planning,
+            spacing=settings.model_spacing,
+            margin_mm=settings.crop_margin_mm,
+            context_voxels=context_voxels,
+            hu_min=settings.hu_min,
+            hu_max=settings.hu_max,
+        )
+    except PreprocessingError as err:
+        raise PipelineError(str(err)) from err
+
+
+def _refine(
+    context_tensor: torch.Tensor,
+    pred: torch.Tensor,
+    settings: PipelineSettings,
+    refine: RefineStep | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The bundle's refinement (``settings.refine``), then the caller's step; returns ``pred`` and the report.
+
+    Raises:
+        ValueError: if the caller's step changes the shape of ``pred``.
+    """
+    report: dict[str, Any] = {"mode": "off"}
     if settings.refine is not None:
-        pred, report = refine_prediction(context_tensor, pred.to(device), settings.refine)
-        refine_report = report.as_dict()
+        pred, refined = refine_prediction(context_tensor, pred.to(context_tensor.device), settings.refine)
+        report = refined.as_dict()
     if refine is not None:
+        expected = tuple(pred.shape)
         pred = refine(context_tensor.clone(), pred.clone())
-        if tuple(pred.shape) != (1, 3 + NUM_CLASSES, *inputs.shape[1:]):
+        if tuple(pred.shape) != expected:
             raise ValueError(f"refine returned pred of shape {tuple(pred.shape)}; expected that of its input")
-    lap("refine")
-
-    contour_source = settings.resolved_contour_source
-    planning_affine = np.linalg.inv(rigid.daily_to_planning) @ index_to_world(planning_labels)
-    model_ddf = pred[0, :3].detach().cpu().numpy()
-    restored = _restore(pred[0].detach().cpu().numpy(), grid, daily_ct, labels, planning_affine, contour_source)
-    images = {name: restored.image(name, daily_ct) for name in ("labels", "reg", "seg")}
-    lap("restore")
-
-    body = daily_array > settings.body_hu
-    qa = quality_report(  # on the box: every contour voxel lies in it
-        reg=restored.box.reg,
-        seg=restored.box.seg,
-        final=restored.box.labels,
-        daily_grid=daily_ct,
-        planning_labels=labels,
-        planning_grid=planning_ct,
-        model_ddf=model_ddf,
-        body_mask=body,
-        rigid=rigid,
-        contour_source=contour_source,
-        settings=settings,
-    )
-    qa["refine"] = refine_report
-    lap("qa")
-    timings["total"] = round(time.perf_counter() - start, 3)
-    qa["timings_s"] = dict(timings)
-    return PipelineResult(
-        labels=images["labels"],
-        reg=images["reg"],
-        seg=images["seg"],
-        model_ddf=model_ddf,
-        rigid=rigid,
-        fov=restored.fov(daily_ct.GetSize()),
-        model_grid=grid,
-        contour_source=contour_source,
-        qa=qa,
-        timings=timings,
-    )
+    return pred, report

@@ -109,15 +109,8 @@ def model_grid(
             the rigid alignment.
     """
     direction = ras_direction(daily_ct)
-    labelled = np.argwhere(np.asarray(planning_labels) > 0)
-    if labelled.size == 0:
-        raise PreprocessingError("the planning label map is empty: no planning contour to place the model grid on")
-    lo, hi = labelled.min(axis=0) - 0.5, labelled.max(axis=0) + 0.5
-    planning_to_daily = np.linalg.inv(daily_to_planning)
-    corners = box_corners(planning_grid, lo, hi)
-    corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
-    contour_lo = (corners @ direction).min(axis=0) - margin_mm
-    contour_hi = (corners @ direction).max(axis=0) + margin_mm
+    contours = _contours_along(direction, planning_labels, planning_grid, daily_to_planning)
+    contour_lo, contour_hi = contours.min(axis=0) - margin_mm, contours.max(axis=0) + margin_mm
     size = np.asarray(daily_ct.GetSize(), dtype=np.float64)
     daily_corners = box_corners(daily_ct, np.zeros(3), size - 1) @ direction
     daily_lo, daily_hi = daily_corners.min(axis=0), daily_corners.max(axis=0)
@@ -137,6 +130,25 @@ def model_grid(
     grid.SetDirection(direction.ravel().tolist())
     grid.SetOrigin((direction @ box_lo).tolist())
     return grid
+
+
+def _contours_along(
+    direction: np.ndarray, planning_labels: np.ndarray, planning_grid: sitk.Image, daily_to_planning: np.ndarray
+) -> np.ndarray:
+    """Corners (8, 3) of the planning contours' voxel box, placed in the daily frame by ``R^-1``, along the axes of
+    ``direction`` (mm).
+
+    Raises:
+        PreprocessingError: if the planning map has no contour.
+    """
+    labelled = np.argwhere(np.asarray(planning_labels) > 0)
+    if labelled.size == 0:
+        raise PreprocessingError("the planning label map is empty: no planning contour to place the model grid on")
+    lo, hi = labelled.min(axis=0) - 0.5, labelled.max(axis=0) + 0.5
+    planning_to_daily = np.linalg.inv(daily_to_planning)
+    corners = box_corners(planning_grid, lo, hi)
+    corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
+    return corners @ direction
 
 
 def grown(grid: sitk.Image, voxels: int) -> sitk.Image:

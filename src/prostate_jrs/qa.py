@@ -31,6 +31,8 @@ from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
 if TYPE_CHECKING:
+    from matplotlib.lines import Line2D
+
     from prostate_jrs.rigid import RigidAlignment
 
 __all__ = ["QA_PNG_DPI", "QA_PNG_INCHES", "QALimits", "quality_report", "write_qa_png"]
@@ -108,19 +110,43 @@ def quality_report(
     Returns:
         The report (module docstring); values that do not exist (a structure missing from a path) are ``None``.
     """
+    # volume (ml) of each planning label
+    planning_ml = label_counts(planning_labels) * (float(np.prod(planning_grid.GetSpacing())) / 1000.0)
     spacing = tuple(float(s) for s in daily_grid.GetSpacing())
+    structures, structure_flags = _structures_report((reg, seg, final), spacing, planning_ml, contour_source, settings)
+    ddf, ddf_flags = _ddf_report(model_ddf, body_mask, settings)
+    rigid_report, rigid_flags = _rigid_report(rigid, settings)
+    flags = structure_flags + ddf_flags + rigid_flags
+    return {"structures": structures, "ddf": ddf, "rigid": rigid_report, "flags": flags}
+
+
+def _structures_report(
+    paths: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing: tuple[float, ...],
+    planning_ml: np.ndarray,
+    contour_source: dict[str, str],
+    settings: QALimits,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per structure: agreement of the two paths, final and planning volumes; and the flags they raise.
+
+    Args:
+        paths: registration path, segmentation path and final contours on the daily grid.
+        spacing: the daily grid's voxel size (mm).
+        planning_ml: planning volume (ml) per label.
+        contour_source: structure -> path used for the final contours.
+        settings: thresholds of the flags.
+    """
+    reg, seg, final = paths
     box = _crop_box(reg, seg, final)
     agreement = structure_metrics(reg[box], seg[box], spacing)
     daily_ml = float(np.prod(spacing)) / 1000.0
-    planning_ml = float(np.prod(planning_grid.GetSpacing())) / 1000.0
     flags: list[str] = []
-    planning_counts = label_counts(planning_labels)
     structures: dict[str, dict[str, Any]] = {}
     for structure in STRUCTURES:
         name = structure.name
         pair = agreement[name]
         volume = float(np.count_nonzero(final[box] == structure.label)) * daily_ml
-        planned = float(planning_counts[structure.label] if structure.label < planning_counts.size else 0) * planning_ml
+        planned = float(planning_ml[structure.label]) if structure.label < planning_ml.size else 0.0
         change = volume - planned
         change_pct = 100.0 * change / planned if planned > 0 else math.nan
         structures[name] = {
@@ -149,7 +175,13 @@ def quality_report(
                 f"{name}: volume changed by {change_pct:+.0f}% against planning "
                 f"(limit {settings.volume_change_limit_pct:.0f}%)"
             )
+    return structures, flags
 
+
+def _ddf_report(
+    model_ddf: np.ndarray, body_mask: np.ndarray, settings: QALimits
+) -> tuple[dict[str, float | str | None], list[str]]:
+    """Jacobian statistics of the DDF inside the body (the whole model grid when no voxel is body); the flags."""
     mask = np.asarray(body_mask, dtype=bool)
     region = "body inside the model grid"
     if not mask.any():
@@ -157,13 +189,18 @@ def quality_report(
     quality = deformation_quality(model_ddf, mask=mask)
     ddf: dict[str, float | str | None] = {key: _clean(value, 6) for key, value in quality.as_dict().items()}
     ddf["region"] = region
+    flags = []
     if quality.folding_fraction > settings.folding_limit:
         flags.append(
             f"DDF folds in {100 * quality.folding_fraction:.3f}% of the body (det J <= 0; limit "
             f"{100 * settings.folding_limit:.3f}%)"
         )
+    return ddf, flags
 
-    rigid_report = {
+
+def _rigid_report(rigid: RigidAlignment, settings: QALimits) -> tuple[dict[str, Any], list[str]]:
+    """The rigid pre-alignment's record and residual; the flags."""
+    report = {
         "method": rigid.method,
         "bone_rms_mm": _clean(rigid.residual),
         "bone_overlap": _clean(rigid.bone_overlap),
@@ -171,6 +208,7 @@ def quality_report(
         "rotation_deg": _clean(rigid.rotation_deg, 3),
         "daily_to_planning": np.round(rigid.daily_to_planning, 6).tolist(),
     }
+    flags = []
     if rigid.residual is not None and rigid.residual > settings.residual_limit:
         flags.append(
             f"rigid alignment on bone: residual {rigid.residual:.2f} mm RMS above {settings.residual_limit:.2f} mm; "
@@ -178,7 +216,7 @@ def quality_report(
         )
     if rigid.method == "none":
         flags.append("no rigid pre-alignment was run (both scans assumed in one frame of reference)")
-    return {"structures": structures, "ddf": ddf, "rigid": rigid_report, "flags": flags}
+    return report, flags
 
 
 def _slices_to_show(final: np.ndarray, count: int) -> list[int]:
@@ -189,6 +227,37 @@ def _slices_to_show(final: np.ndarray, count: int) -> list[int]:
             picks = np.linspace(ks.min(), ks.max(), count + 2)[1:-1] if ks.size > count else ks
             return sorted({int(np.rint(k)) for k in picks})
     return [final.shape[2] // 2]
+
+
+def _view_window(
+    reg_map: np.ndarray, seg_map: np.ndarray, spacing: tuple[float, ...], num_slices: int
+) -> tuple[list[int], tuple[int, int], tuple[int, int]]:
+    """What :func:`write_qa_png` shows: axial slices ``k`` and the in-plane window ``(i0, i1), (j0, j1)``, the
+    bounding box of both paths plus 30 mm (the whole grid when both are empty)."""
+    found = label_box(np.maximum(reg_map, seg_map))
+    box = found if found is not None else tuple(slice(0, n) for n in reg_map.shape)
+    ks = _slices_to_show(np.maximum(reg_map[box], seg_map[box]), num_slices)
+    ks = [k + box[2].start for k in ks]
+    margin = [int(30 / s) for s in spacing]
+    i0, i1 = max(box[0].start - margin[0], 0), min(box[0].stop + margin[0], reg_map.shape[0])
+    j0, j1 = max(box[1].start - margin[1], 0), min(box[1].stop + margin[1], reg_map.shape[1])
+    return ks, (i0, i1), (j0, j1)
+
+
+def _legend_handles() -> list[Line2D]:
+    """Legend of ``qa.png``: one colour per structure, solid registration path, dashed segmentation path."""
+    from matplotlib.lines import Line2D
+
+    # the RGB triple is a tuple[float, ...] to mypy; matplotlib's ColorType only takes fixed-length tuples
+    handles = [
+        Line2D([], [], color=tuple(c / 255 for c in s.color), label=s.display_name)  # type: ignore[arg-type]
+        for s in STRUCTURES
+    ]
+    return [
+        *handles,
+        Line2D([], [], color="black", linestyle="solid", label="registration path"),
+        Line2D([], [], color="black", linestyle="dashed", label="segmentation path"),
+    ]
 
 
 def write_qa_png(
@@ -217,18 +286,10 @@ def write_qa_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     # views, not copies: only the slices drawn are read (a 512 x 512 x 122 CT is 128 MB as float32)
     ct, reg_map, seg_map = array_view(daily_ct), array_view(reg), array_view(seg)
-    found = label_box(np.maximum(reg_map, seg_map))
-    box = found if found is not None else tuple(slice(0, n) for n in reg_map.shape)
-    ks = _slices_to_show(np.maximum(reg_map[box], seg_map[box]), num_slices)
-    ks = [k + box[2].start for k in ks]
-    # zoom on the contours: bounding box of both paths plus 30 mm
-    margin = [int(30 / s) for s in daily_ct.GetSpacing()]
-    i0, i1 = max(box[0].start - margin[0], 0), min(box[0].stop + margin[0], ct.shape[0])
-    j0, j1 = max(box[1].start - margin[1], 0), min(box[1].stop + margin[1], ct.shape[1])
+    ks, (i0, i1), (j0, j1) = _view_window(reg_map, seg_map, daily_ct.GetSpacing(), num_slices)
     spacing = daily_ct.GetSpacing()
     # a fixed small picture (900 x 340 pixels) whatever the scan and the number of slices
     fig, axes = plt.subplots(1, len(ks), figsize=QA_PNG_INCHES, squeeze=False)
@@ -252,16 +313,7 @@ def write_qa_png(
                     )
         ax.set_title(f"slice k={k}", fontsize=9)
         ax.axis("off")
-    # the RGB triple is a tuple[float, ...] to mypy; matplotlib's ColorType only takes fixed-length tuples
-    handles = [
-        Line2D([], [], color=tuple(c / 255 for c in s.color), label=s.display_name)  # type: ignore[arg-type]
-        for s in STRUCTURES
-    ]
-    handles += [
-        Line2D([], [], color="black", linestyle="solid", label="registration path"),
-        Line2D([], [], color="black", linestyle="dashed", label="segmentation path"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.legend(handles=_legend_handles(), loc="lower center", ncol=6, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))

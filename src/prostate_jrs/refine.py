@@ -579,6 +579,35 @@ def refine_ddf(
         ValueError: if the shapes do not fit.
     """
     start, start_cpu = time.perf_counter(), time.process_time()
+    size, border = _pair_shape(fixed, moving, init)
+    strides = settings.sampling_stride or (1,) * len(settings.levels)
+    pair = _PaddedPair.of(
+        fixed, moving, init.detach().float(), border, settings, moving_labels, seg_logits, moving_mask
+    )
+    init = pair.init
+    with torch.enable_grad():
+        finest = pair.level(1, init, settings, guided=False)
+        with torch.no_grad():
+            before = float(_similarity(finest, init, settings))
+        init, nodes, grid, steps = _coarsest_level(pair, settings, strides[0])
+        nodes, grid = _finer_levels(pair, init, nodes, grid, settings, strides[1:], steps)
+        full = grid.weights([torch.arange(n, device=pair.device, dtype=torch.float32) for n in pair.size])
+        ddf = _total_field(init, _interpolate(nodes, full), settings)
+        with torch.no_grad():
+            after = float(_similarity(finest, ddf, settings))
+    ddf = ddf[:, :, : size[0], : size[1], : size[2]]
+    report = RefineReport(
+        settings, before, after, steps, time.perf_counter() - start, str(pair.device), time.process_time() - start_cpu
+    )
+    return ddf.detach(), report
+
+
+def _pair_shape(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor) -> tuple[tuple[int, ...], int]:
+    """The model grid ``S`` and the moving image's context border ``b`` of :func:`refine_ddf`'s inputs.
+
+    Raises:
+        ValueError: if the shapes do not fit.
+    """
     size = tuple(fixed.shape[2:])
     border2 = [m - s for m, s in zip(moving.shape[2:], size, strict=True)]
     if fixed.shape[:2] != (1, 1) or init.shape != (1, 3, *size) or len(set(border2)) != 1 or border2[0] % 2:
@@ -586,69 +615,116 @@ def refine_ddf(
             f"expected fixed (1, 1, *S), moving (1, 1, *(S + 2b)), init (1, 3, *S); got {tuple(fixed.shape)}, "
             f"{tuple(moving.shape)}, {tuple(init.shape)}"
         )
-    border = border2[0] // 2
-    strides = settings.sampling_stride or (1,) * len(settings.levels)
-    init = init.detach().float()
-    labels, target = (None, None)
-    if moving_labels is not None and seg_logits is not None:
-        labels, target = _guidance(moving_labels, seg_logits, settings)
-    # pad the high ends to a multiple of the coarsest factor so that every level's voxels tile the model grid
-    multiple = max(settings.levels)
-    pad = [p for n in reversed(size) for p in (0, (-n) % multiple)]
-    fixed, moving, init = (F.pad(x.float(), pad, mode="replicate") for x in (fixed, moving, init))
-    if moving_mask is not None:
-        moving_mask = F.pad(moving_mask.float(), pad, mode="replicate")
-    if labels is not None and target is not None:
-        labels, target = F.pad(labels, pad, mode="replicate"), F.pad(target, pad, mode="replicate")
+    return size, border2[0] // 2
 
-    with torch.enable_grad():
-        finest = _level(1, fixed, moving, border, init, settings, None, None, moving_mask)
-        with torch.no_grad():
-            before = float(_similarity(finest, init, settings))
-        padded = tuple(fixed.shape[2:])
-        starts = [init] if settings.init == "network" else [torch.zeros_like(init)]
-        if settings.init == "auto":
-            starts.append(init)
-        steps: list[int] = []
-        best: tuple[float, torch.Tensor, torch.Tensor, _ControlGrid] | None = None
-        for start_ddf in starts:  # the coarsest level from each start; the lower loss goes on
-            level = _level(settings.levels[0], fixed, moving, border, start_ddf, settings, labels, target, moving_mask)
-            grid = _ControlGrid(padded, settings.control_spacing[0])
-            nodes, run, loss = _optimise_level(
-                level,
-                grid,
-                torch.zeros((1, 3, *grid.shape), device=fixed.device),
-                settings,
-                settings.iterations[0],
-                strides[0],
-            )
-            steps.append(run)
-            if best is None or loss < best[0]:
-                best = (loss, start_ddf, nodes, grid)
-        assert best is not None
-        _, init, nodes, grid = best
-        for factor, spacing, iterations, stride in zip(
-            settings.levels[1:], settings.control_spacing[1:], settings.iterations[1:], strides[1:], strict=True
-        ):
-            level = _level(factor, fixed, moving, border, init, settings, labels, target, moving_mask)
-            finer = _ControlGrid(padded, spacing)
-            if finer != grid:  # carry the residual over to this level's nodes
-                positions = [
-                    step * torch.arange(n, device=fixed.device)
-                    for step, n in zip(finer.steps, finer.shape, strict=True)
-                ]
-                nodes, grid = _interpolate(nodes, grid.weights(positions)), finer
-            nodes, run, _ = _optimise_level(level, grid, nodes, settings, iterations, stride)
-            steps.append(run)
-        full = grid.weights([torch.arange(n, device=fixed.device, dtype=torch.float32) for n in padded])
-        ddf = _total_field(init, _interpolate(nodes, full), settings)
-        with torch.no_grad():
-            after = float(_similarity(finest, ddf, settings))
-    ddf = ddf[:, :, : size[0], : size[1], : size[2]]
-    report = RefineReport(
-        settings, before, after, steps, time.perf_counter() - start, str(fixed.device), time.process_time() - start_cpu
-    )
-    return ddf.detach(), report
+
+@dataclass
+class _PaddedPair:
+    """One pair's images, the network's DDF and the guidance, padded at the high ends to a multiple of the coarsest
+    level's factor, so that every level's voxels tile the model grid; what each level is pooled from."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    init: torch.Tensor
+    border: int
+    labels: torch.Tensor | None
+    target: torch.Tensor | None
+    moving_mask: torch.Tensor | None
+
+    @classmethod
+    def of(
+        cls,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        init: torch.Tensor,
+        border: int,
+        settings: RefineSettings,
+        moving_labels: torch.Tensor | None,
+        seg_logits: torch.Tensor | None,
+        moving_mask: torch.Tensor | None,
+    ) -> _PaddedPair:
+        """Pad :func:`refine_ddf`'s inputs (guidance made first, from the unpadded label map and logits)."""
+        labels, target = (None, None)
+        if moving_labels is not None and seg_logits is not None:
+            labels, target = _guidance(moving_labels, seg_logits, settings)
+        multiple = max(settings.levels)
+        pad = [p for n in reversed(fixed.shape[2:]) for p in (0, (-n) % multiple)]
+        fixed, moving, init = (F.pad(x.float(), pad, mode="replicate") for x in (fixed, moving, init))
+        if moving_mask is not None:
+            moving_mask = F.pad(moving_mask.float(), pad, mode="replicate")
+        if labels is not None and target is not None:
+            labels, target = F.pad(labels, pad, mode="replicate"), F.pad(target, pad, mode="replicate")
+        return cls(fixed, moving, init, border, labels, target, moving_mask)
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The padded model grid."""
+        return tuple(self.fixed.shape[2:])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the images are."""
+        return self.fixed.device
+
+    def level(self, factor: int, ddf: torch.Tensor, settings: RefineSettings, guided: bool = True) -> _Level:
+        """The pair pooled to ``factor`` around ``ddf`` (:func:`_level`); ``guided=False`` leaves out the guidance."""
+        labels, target = (self.labels, self.target) if guided else (None, None)
+        return _level(factor, self.fixed, self.moving, self.border, ddf, settings, labels, target, self.moving_mask)
+
+
+def _coarsest_level(
+    pair: _PaddedPair, settings: RefineSettings, stride: int
+) -> tuple[torch.Tensor, torch.Tensor, _ControlGrid, list[int]]:
+    """Optimise the coarsest level from each start ``settings.init`` names (zero, the network's DDF or both); the
+    start with the lower loss goes on. Returns that start, its control nodes and grid, and the steps of every run."""
+    starts = [pair.init] if settings.init == "network" else [torch.zeros_like(pair.init)]
+    if settings.init == "auto":
+        starts.append(pair.init)
+    steps: list[int] = []
+    best: tuple[float, torch.Tensor, torch.Tensor, _ControlGrid] | None = None
+    for start_ddf in starts:
+        level = pair.level(settings.levels[0], start_ddf, settings)
+        grid = _ControlGrid(pair.size, settings.control_spacing[0])
+        nodes, run, loss = _optimise_level(
+            level,
+            grid,
+            torch.zeros((1, 3, *grid.shape), device=pair.device),
+            settings,
+            settings.iterations[0],
+            stride,
+        )
+        steps.append(run)
+        if best is None or loss < best[0]:
+            best = (loss, start_ddf, nodes, grid)
+    assert best is not None
+    _, start_ddf, nodes, grid = best
+    return start_ddf, nodes, grid, steps
+
+
+def _finer_levels(
+    pair: _PaddedPair,
+    init: torch.Tensor,
+    nodes: torch.Tensor,
+    grid: _ControlGrid,
+    settings: RefineSettings,
+    strides: Sequence[int],
+    steps: list[int],
+) -> tuple[torch.Tensor, _ControlGrid]:
+    """Optimise the levels after the coarsest in turn, each from the last one's control nodes (carried over to its
+    own control grid where that differs); appends each level's steps to ``steps``. Returns the last nodes and grid."""
+    for factor, spacing, iterations, stride in zip(
+        settings.levels[1:], settings.control_spacing[1:], settings.iterations[1:], strides, strict=True
+    ):
+        level = pair.level(factor, init, settings)
+        finer = _ControlGrid(pair.size, spacing)
+        if finer != grid:  # carry the residual over to this level's nodes
+            positions = [
+                step * torch.arange(n, device=pair.device) for step, n in zip(finer.steps, finer.shape, strict=True)
+            ]
+            nodes, grid = _interpolate(nodes, grid.weights(positions)), finer
+        nodes, run, _ = _optimise_level(level, grid, nodes, settings, iterations, stride)
+        steps.append(run)
+    return nodes, grid
 
 
 def refine_prediction(

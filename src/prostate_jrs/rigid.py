@@ -313,18 +313,11 @@ def align_on_bone(
     for what, image in (("daily CT (fixed)", fixed), ("planning CT (moving)", moving)):
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError(f"the {what} must be a scalar 3D image, got {image.GetDimension()}D")
-    fixed_work = _working_image(fixed, working_mm)
-    moving_work = _working_image(moving, working_mm)
-    fixed_bone = _bone_mask(fixed_work, bone_hu, min_bone_ml, "daily CT (fixed)")
-    moving_bone = _bone_mask(moving_work, bone_hu, min_bone_ml, "planning CT (moving)")
-
-    # Bone and its surroundings only; the planning side keeps more margin, so daily points mapped near its bone
-    # edges still find planning voxels
-    fixed_work, fixed_bone = _crop_to_mask(fixed_work, fixed_bone, 3 * working_mm)
-    moving_work, moving_bone = _crop_to_mask(moving_work, moving_bone, 10 * working_mm)
-    low, high = bone_window
-    fixed_clamped = sitk.Clamp(fixed_work, sitk.sitkFloat32, low, high)
-    moving_clamped = sitk.Clamp(moving_work, sitk.sitkFloat32, low, high)
+    fixed_clamped, fixed_bone = _bone_image(fixed, "daily CT (fixed)", bone_hu, bone_window, working_mm, min_bone_ml, 3)
+    # the planning side keeps more margin, so daily points mapped near its bone edges still find planning voxels
+    moving_clamped, moving_bone = _bone_image(
+        moving, "planning CT (moving)", bone_hu, bone_window, working_mm, min_bone_ml, 10
+    )
     # Centres of mass of the bone masks: the frames of reference may differ by anything
     initial = sitk.CenteredTransformInitializer(
         sitk.Cast(fixed_bone, sitk.sitkFloat32),
@@ -332,9 +325,75 @@ def align_on_bone(
         sitk.Euler3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
+    registration = _bone_registration(fixed_bone, max_iterations, sampling, seed)
+    registration.SetInitialTransform(initial, inPlace=False)
+    final = registration.Execute(fixed_clamped, moving_clamped)
+
+    euler = sitk.Euler3DTransform(sitk.CompositeTransform(final).GetNthTransform(0))
+    resampled = resample_moving(moving, fixed, euler) if resample else None
+    return _measured(euler, registration, fixed_bone, moving_bone, resampled, start)
+
+
+def _measured(
+    euler: sitk.Euler3DTransform,
+    registration: sitk.ImageRegistrationMethod,
+    fixed_bone: sitk.Image,
+    moving_bone: sitk.Image,
+    resampled: sitk.Image | None,
+    start: float,
+) -> RigidResult:
+    """The result of a finished registration: the transform, its bone residual and overlap, the optimiser's record
+    and the seconds since ``start``."""
+    matrix = _matrix(euler)
+    rms = _surface_rms(fixed_bone, moving_bone, matrix)
+    mapped_bone = sitk.Resample(moving_bone, fixed_bone, euler, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(fixed_bone, mapped_bone)
+    return RigidResult(
+        transform=euler,
+        matrix=matrix,
+        rotation_deg=tuple(float(np.rad2deg(a)) for a in euler.GetParameters()[:3]),  # type: ignore[arg-type]
+        translation_mm=tuple(float(t) for t in euler.GetTranslation()),  # type: ignore[arg-type]
+        bone_rms_mm=rms,
+        bone_overlap=float(overlap.GetDiceCoefficient()),
+        metric_value=float(registration.GetMetricValue()),
+        iterations=int(registration.GetOptimizerIteration()),
+        stop_condition=registration.GetOptimizerStopConditionDescription(),
+        seconds=time.perf_counter() - start,
+        resampled=resampled,
+    )
+
+
+def _bone_image(
+    image: sitk.Image,
+    what: str,
+    bone_hu: float,
+    bone_window: tuple[float, float],
+    working_mm: float,
+    min_bone_ml: float,
+    margin_voxels: int,
+) -> tuple[sitk.Image, sitk.Image]:
+    """One CT as the bone metric sees it: block-averaged to ``working_mm``, cropped to its bone mask plus
+    ``margin_voxels`` working voxels, clamped to ``bone_window``; returns the clamped image and the bone mask.
+
+    Raises:
+        NoBoneError: naming ``what`` if the image holds less than ``min_bone_ml`` of bone.
+    """
+    work = _working_image(image, working_mm)
+    bone = _bone_mask(work, bone_hu, min_bone_ml, what)
+    # bone and its surroundings only
+    work, bone = _crop_to_mask(work, bone, margin_voxels * working_mm)
+    low, high = bone_window
+    return sitk.Clamp(work, sitk.sitkFloat32, low, high), bone
+
+
+def _bone_registration(
+    fixed_bone: sitk.Image, max_iterations: int, sampling: float, seed: int
+) -> sitk.ImageRegistrationMethod:
+    """SimpleITK's rigid registration as :func:`align_on_bone` runs it: mean squares sampled at random near the daily
+    bone, regular-step gradient descent over three resolution levels; the initial transform is the caller's."""
     # Sample where bone edges are: the daily bone mask grown by 2 working voxels
     metric_mask = sitk.BinaryDilate(fixed_bone, [2, 2, 2])
-
     registration = sitk.ImageRegistrationMethod()
     registration.SetMetricAsMeanSquares()
     registration.SetMetricFixedMask(metric_mask)
@@ -350,29 +409,7 @@ def align_on_bone(
     registration.SetShrinkFactorsPerLevel([4, 2, 1])
     registration.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    registration.SetInitialTransform(initial, inPlace=False)
-    final = registration.Execute(fixed_clamped, moving_clamped)
-
-    euler = sitk.Euler3DTransform(sitk.CompositeTransform(final).GetNthTransform(0))
-    matrix = _matrix(euler)
-    rms = _surface_rms(fixed_bone, moving_bone, matrix)
-    mapped_bone = sitk.Resample(moving_bone, fixed_bone, euler, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    overlap = sitk.LabelOverlapMeasuresImageFilter()
-    overlap.Execute(fixed_bone, mapped_bone)
-    resampled = resample_moving(moving, fixed, euler) if resample else None
-    return RigidResult(
-        transform=euler,
-        matrix=matrix,
-        rotation_deg=tuple(float(np.rad2deg(a)) for a in euler.GetParameters()[:3]),  # type: ignore[arg-type]
-        translation_mm=tuple(float(t) for t in euler.GetTranslation()),  # type: ignore[arg-type]
-        bone_rms_mm=rms,
-        bone_overlap=float(overlap.GetDiceCoefficient()),
-        metric_value=float(registration.GetMetricValue()),
-        iterations=int(registration.GetOptimizerIteration()),
-        stop_condition=registration.GetOptimizerStopConditionDescription(),
-        seconds=time.perf_counter() - start,
-        resampled=resampled,
-    )
+    return registration
 
 
 def recorded_or_on_bone(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from prostate_jrs.nets import build_network
-from prostate_jrs.trust import record_model_hash
+from prostate_jrs.trust import write_bundle
 
 __all__ = ["TINY_REFINE", "TINY_SETTINGS", "TINY_TRAINING", "write_tiny_bundle"]
 
@@ -56,6 +56,7 @@ def write_tiny_bundle(
     """Copy ``source``'s configs to ``target`` with tiny inference settings and randomly initialised weights.
 
     The weights are untrained (seed 0): for checking that the app, pipeline and benchmarks run, never for numbers.
+    The folder appears complete or not at all (:func:`prostate_jrs.trust.write_bundle`).
 
     Args:
         source: a bundle folder (its ``configs/`` is copied).
@@ -70,21 +71,22 @@ def write_tiny_bundle(
     Raises:
         FileExistsError: if ``target`` exists.
     """
-    source, target = Path(source), Path(target)
-    if target.exists():
-        raise FileExistsError(f"{target}: refusing to overwrite an existing folder with a tiny bundle")
+    source = Path(source)
     values = dict(TINY_SETTINGS if settings is None else settings)
-    shutil.copytree(source / "configs", target / "configs")
-    config_file = target / "configs" / "inference.json"
-    config = json.loads(config_file.read_text())
-    config.update(values)
-    config_file.write_text(json.dumps(config, indent=4))
-    if training is not None:
-        train_file = target / "configs" / "train.json"
-        train_file.write_text(json.dumps({**json.loads(train_file.read_text()), **training}, indent=4))
-    (target / "models").mkdir()
-    torch.manual_seed(0)
-    network = build_network(str(config.get("network_name", "cross_stitch")), config["widths"])
-    torch.save(network.state_dict(), target / "models" / "model.pt")
-    record_model_hash(target)  # the copied metadata.json names the shipped weights' hash
-    return target
+
+    def fill(staging: Path) -> None:
+        shutil.copytree(source / "configs", staging / "configs")
+        config_file = staging / "configs" / "inference.json"
+        config = json.loads(config_file.read_text())
+        config.update(values)
+        config_file.write_text(json.dumps(config, indent=4))
+        if training is not None:
+            train_file = staging / "configs" / "train.json"
+            train_file.write_text(json.dumps({**json.loads(train_file.read_text()), **training}, indent=4))
+        (staging / "models").mkdir()
+        torch.manual_seed(0)
+        network = build_network(str(config.get("network_name", "cross_stitch")), config["widths"])
+        torch.save(network.state_dict(), staging / "models" / "model.pt")
+
+    # the copied metadata.json names the shipped weights' hash: write_bundle records the new one
+    return write_bundle(target, fill, "a tiny bundle")

@@ -218,7 +218,7 @@ class ModelGridd(MapTransform):
     by ``context_voxels`` (:func:`model_inputs`): the CTs scaled to [-1, 1], the label maps as float. Their affine
     is the grown grid's (RAS); their other metadata (file name, ``original_affine``, ``spatial_shape``) are the
     files'. ``rigid`` is replaced by ``daily_to_planning`` (float64 tensor ``(4, 4)``, LPS), which the restore of
-    predictions to the daily grid needs (:func:`prostate_jrs.engines.restore_item`).
+    predictions to the daily grid needs (:func:`prostate_jrs.evaluation.writers.restore_item`).
 
     Args:
         keys: the daily CT, planning CT, planning label map and (optional) daily label map keys, in this order.

@@ -3,7 +3,8 @@
 ``configs/metadata.json`` of a bundle records the sha256 of ``models/model.pt`` under :data:`MODEL_HASH_KEY`.
 :func:`model_hash_problem` tells when the weights on disk are not those (damaged, truncated, replaced, or retrained
 without recording the new hash); :func:`prostate_jrs.pipeline.load_bundle` refuses such a bundle. Whoever writes new
-weights into a bundle on purpose records them with :func:`record_model_hash`::
+weights into a bundle on purpose records them with :func:`record_model_hash` (:func:`write_bundle` does it for a
+new bundle)::
 
     python -m prostate_jrs.trust record-model BUNDLE      # after training or copying a model.pt into BUNDLE
     python -m prostate_jrs.trust check-model BUNDLE
@@ -18,11 +19,20 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["MODEL_FILE", "MODEL_HASH_KEY", "model_hash_problem", "record_model_hash", "sha256_file"]
+__all__ = [
+    "MODEL_FILE",
+    "MODEL_HASH_KEY",
+    "model_hash_problem",
+    "record_model_hash",
+    "sha256_file",
+    "write_bundle",
+]
 
 #: Key of ``configs/metadata.json`` holding the sha256 (hex) of the weights file.
 MODEL_HASH_KEY = "model_sha256"
@@ -106,6 +116,40 @@ def record_model_hash(bundle_dir: str | os.PathLike[str]) -> str:
     tmp.write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
     tmp.replace(meta_file)
     return str(metadata[MODEL_HASH_KEY])
+
+
+def write_bundle(target: str | os.PathLike[str], fill: Callable[[Path], None], what: str = "a bundle") -> Path:
+    """Write a new bundle folder complete or not at all, its weights' hash recorded.
+
+    ``fill`` writes the bundle (configs, ``models/model.pt``, ...) into an empty staging folder beside ``target``;
+    then :func:`record_model_hash` records the weights and the folder is renamed to ``target``. A failure anywhere
+    leaves no ``target`` and no staging folder.
+
+    Args:
+        target: the new bundle folder; must not exist.
+        fill: called with the staging folder.
+        what: the kind of bundle, for the error message.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        FileExistsError: if ``target`` exists (nothing is written).
+    """
+    out = Path(target)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite it with {what} (it goes to a new folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        fill(staging)
+        record_model_hash(staging)
+        staging.chmod(0o755)  # mkdtemp made it private; a bundle is read by whoever runs it
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

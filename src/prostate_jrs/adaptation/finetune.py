@@ -250,6 +250,44 @@ def finetune(
 
     settings = settings or AdaptSettings()
     bundle = Path(bundle_dir)
+    weights = _checked_weights(bundle, approved)
+    set_determinism(seed=settings.seed)
+    parser = _patient_trainer_config(bundle, weights, settings, approved, planning)
+    trainer = parser.get_parsed_content("train#trainer")
+    if settings.freeze_norm:
+        _freeze_norm(trainer.network)
+    record = TrainingRecord(
+        settings={
+            **asdict(settings),
+            "device": str(parser.get_parsed_content("device")),
+            "batch_size": int(parser.get_parsed_content("batch_size")),
+            "patches_per_pair": int(parser.get_parsed_content("patches_per_pair")),
+        },
+        approved_pairs=len(approved),
+        planning_items=len(planning),
+        patch_size=int(parser.get_parsed_content("patch_size")),
+        threads=torch.get_num_threads(),
+    )
+    recorder = _Recorder(record, lambda network: _patient_loss(parser, network, approved, settings.seed))
+    recorder.progress(settings.steps, progress)
+    trainer.add_event_handler(Events.STARTED, recorder.started)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, recorder.step)
+    with warnings.catch_warnings():
+        # MONAI's BendingEnergyLoss indexes with lists, which torch deprecates: one warning per loss, nothing to act on
+        warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
+        trainer.run()
+        record.train_seconds = time.perf_counter() - recorder.start
+        record.loss_after = recorder.patient_loss(trainer.network)
+    return trainer.network, record
+
+
+def _checked_weights(bundle: Path, approved: Sequence[dict[str, Any]]) -> Path:
+    """The bundle's weights file, once there is something to adapt to and the weights are those it records.
+
+    Raises:
+        ValueError: if there is no approved pair.
+        BundleError: if the weights are missing or not those the metadata records.
+    """
     weights = bundle / MODEL_FILE
     if not approved:
         raise ValueError("no approved pair to adapt to; expected at least one approved fraction")
@@ -257,7 +295,18 @@ def finetune(
         raise BundleError(f"{weights}: no model weights to fine-tune")
     if problem := model_hash_problem(bundle):
         raise BundleError(problem)
-    set_determinism(seed=settings.seed)
+    return weights
+
+
+def _patient_trainer_config(
+    bundle: Path,
+    weights: Path,
+    settings: AdaptSettings,
+    approved: Sequence[dict[str, Any]],
+    planning: Sequence[dict[str, Any]],
+) -> Any:
+    """The bundle's ``train.json`` for one patient: the settings' budget, the kept handlers loading ``weights``, and
+    a dataset of the patient's pairs with synthetic deformations of the planning scan."""
     overrides: dict[str, Any] = {"learning_rate": settings.learning_rate, "epochs": 1, "num_workers": 0}
     overrides.update({"show_progress": False, "train#trainer#epoch_length": settings.steps})
     for key in ("batch_size", "patches_per_pair"):
@@ -275,42 +324,38 @@ def finetune(
         ]
     )
     parser["train#dataset"] = Dataset(_draws(approved, planning, settings.planning_share), transform=transform)
-    trainer = parser.get_parsed_content("train#trainer")
-    if settings.freeze_norm:
-        _freeze_norm(trainer.network)
-    record = TrainingRecord(
-        settings={
-            **asdict(settings),
-            "device": str(parser.get_parsed_content("device")),
-            "batch_size": int(parser.get_parsed_content("batch_size")),
-            "patches_per_pair": int(parser.get_parsed_content("patches_per_pair")),
-        },
-        approved_pairs=len(approved),
-        planning_items=len(planning),
-        patch_size=int(parser.get_parsed_content("patch_size")),
-        threads=torch.get_num_threads(),
-    )
-    every = max(1, settings.steps // 10)
-    start = time.perf_counter()
+    return parser
 
-    def before(engine: Any) -> None:  # after the bundle's CheckpointLoader, which also runs on STARTED
-        nonlocal start
-        record.loss_before = _patient_loss(parser, engine.network, approved, settings.seed)
-        start = time.perf_counter()
 
-    def step(engine: Any) -> None:
-        record.loss_curve.append(engine.state.output["loss"].item())
+class _Recorder:
+    """The trainer's event handlers that fill a :class:`TrainingRecord`: loss on the approved pairs before
+    training, the loss curve, progress lines, and the start of the training time.
+
+    Args:
+        record: the record to fill.
+        patient_loss: the loss of a network on the approved pairs' fixed patches.
+    """
+
+    def __init__(self, record: TrainingRecord, patient_loss: Callable[[nn.Module], float]) -> None:
+        self.record = record
+        self.patient_loss = patient_loss
+        self.start = time.perf_counter()
+        self.steps, self.every = 0, 1
+        self.report: Callable[[str], None] | None = None
+
+    def progress(self, steps: int, report: Callable[[str], None] | None) -> None:
+        """Call ``report`` with a line about every tenth of ``steps``."""
+        self.steps, self.every, self.report = steps, max(1, steps // 10), report
+
+    def started(self, engine: Any) -> None:
+        """On STARTED, after the bundle's CheckpointLoader (which also runs on STARTED)."""
+        self.record.loss_before = self.patient_loss(engine.network)
+        self.start = time.perf_counter()
+
+    def step(self, engine: Any) -> None:
+        """On ITERATION_COMPLETED."""
+        self.record.loss_curve.append(engine.state.output["loss"].item())
         n = engine.state.iteration
-        if progress is not None and (n % every == 0 or n == settings.steps):
-            recent = record.loss_curve[-every:]
-            progress(f"step {n}/{settings.steps}: training loss {sum(recent) / len(recent):.4f}")
-
-    trainer.add_event_handler(Events.STARTED, before)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, step)
-    with warnings.catch_warnings():
-        # MONAI's BendingEnergyLoss indexes with lists, which torch deprecates: one warning per loss, nothing to act on
-        warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
-        trainer.run()
-        record.train_seconds = time.perf_counter() - start
-        record.loss_after = _patient_loss(parser, trainer.network, approved, settings.seed)
-    return trainer.network, record
+        if self.report is not None and (n % self.every == 0 or n == self.steps):
+            recent = self.record.loss_curve[-self.every :]
+            self.report(f"step {n}/{self.steps}: training loss {sum(recent) / len(recent):.4f}")

@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 from prostate_jrs.errors import PatientBundleError
 from prostate_jrs.pipeline import BundleError
-from prostate_jrs.trust import MODEL_FILE, MODEL_HASH_KEY, record_model_hash, sha256_file
+from prostate_jrs.trust import MODEL_FILE, MODEL_HASH_KEY, sha256_file, write_bundle
 
 __all__ = [
     "ADAPTATION_KEY",
@@ -231,12 +230,9 @@ def write_patient_bundle(
     Raises:
         FileExistsError: if ``out_dir`` exists.
     """
-    base, out = Path(base_dir), Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; a patient bundle is written into a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    base = Path(base_dir)
+
+    def fill(staging: Path) -> None:
         for name in _COPIED:
             source = base / name
             if source.is_dir():
@@ -256,10 +252,5 @@ def write_patient_bundle(
         metadata["changelog"] = {metadata["version"]: entry, **metadata.get("changelog", {})}
         metadata[ADAPTATION_KEY] = dict(record)
         (staging / _METADATA).write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
-        record_model_hash(staging)
-        staging.chmod(0o755)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return write_bundle(out_dir, fill, "a patient bundle")

@@ -20,7 +20,7 @@ from torch import nn
 from prostate_jrs.nets.blocks import BORDERS
 from prostate_jrs.nets.warp import labels_to_onehot, warp_patch
 
-__all__ = ["INPUT_CHANNELS", "NUM_CLASSES", "NUM_DDF_CHANNELS", "JRSNetwork", "resolve_inputs"]
+__all__ = ["INPUT_CHANNELS", "NUM_CLASSES", "NUM_DDF_CHANNELS", "JRSNetwork", "OneInputNetwork", "resolve_inputs"]
 
 #: Channel of each named input in ``image``.
 INPUT_CHANNELS: dict[str, int] = {"fixed": 0, "moving": 1, "moving_label": 2}
@@ -111,3 +111,22 @@ class JRSNetwork(nn.Module):
             logits = outputs["logits"][0]
             ddf = torch.zeros_like(logits[:, :3])
         return torch.cat([ddf, logits], dim=1)
+
+
+class OneInputNetwork(JRSNetwork):
+    """A network whose encoder sees one selection of ``image`` channels (every network but cross-stitch).
+
+    Args:
+        inputs: channels of ``image`` it sees, see :func:`resolve_inputs`.
+    """
+
+    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
+        input_index: torch.Tensor
+
+    def __init__(self, inputs: Sequence[str] | str) -> None:
+        super().__init__()
+        self.register_buffer("input_index", self._index(inputs), persistent=False)
+
+    def select_inputs(self, image: torch.Tensor) -> torch.Tensor:
+        """The channels of ``image`` (B, 3, D, H, W) this network sees."""
+        return torch.index_select(image, 1, self.input_index)

@@ -8,12 +8,11 @@ authors' later PyTorch code shares the bottleneck too; we follow the TF model th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from prostate_jrs.nets.base import NUM_CLASSES, NUM_DDF_CHANNELS, JRSNetwork
+from prostate_jrs.nets.base import NUM_CLASSES, NUM_DDF_CHANNELS, OneInputNetwork
 from prostate_jrs.nets.blocks import MultiScaleHead, double_conv, down_conv, init_weights, merge_skip
 
 __all__ = ["SEDDNet"]
@@ -38,7 +37,7 @@ class _TaskTail(nn.Module):
         return [high, mid, low]
 
 
-class SEDDNet(JRSNetwork):
+class SEDDNet(OneInputNetwork):
     """Shared encoder (levels 1-2), separate bottleneck and decoder per task.
 
     Args:
@@ -48,17 +47,14 @@ class SEDDNet(JRSNetwork):
 
     name = "sedd"
     tasks = ("seg", "reg")
-    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
-        input_index: torch.Tensor
 
     def __init__(
         self,
         widths: Sequence[int] = (16, 32, 64),
         inputs: Sequence[str] | str = ("fixed", "moving", "moving_label"),
     ) -> None:
-        super().__init__()
+        super().__init__(inputs)
         f1, f2, f3 = (int(w) for w in widths)
-        self.register_buffer("input_index", self._index(inputs), persistent=False)
         self.enc1 = double_conv(len(self.input_index), f1)
         self.down1 = down_conv(f1)
         self.enc2 = double_conv(f1, f2)
@@ -70,7 +66,7 @@ class SEDDNet(JRSNetwork):
 
     def forward_multiscale(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """``{"ddf": [high, mid, low], "logits": [high, mid, low]}``."""
-        skip1 = self.enc1(torch.index_select(image, 1, self.input_index))
+        skip1 = self.enc1(self.select_inputs(image))
         skip2 = self.enc2(self.down1(skip1))
         return {
             "ddf": self.ddf_head(self.reg_tail(skip1, skip2)),

@@ -1,22 +1,47 @@
 """One-branch networks: ``seg``, ``reg``/``jrs_reg`` and ``dense``.
 
-Networks 1-4 of docs/ARCHITECTURE.md, "Network architecture".
+Networks 1-4 of docs/ARCHITECTURE.md, "Network architecture". All three are one :class:`ValidUNet` with
+multi-scale heads; they differ only in which heads they have (:class:`_HeadedUNet`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from prostate_jrs.nets.base import NUM_CLASSES, NUM_DDF_CHANNELS, JRSNetwork
+from prostate_jrs.nets.base import NUM_CLASSES, NUM_DDF_CHANNELS, OneInputNetwork
 from prostate_jrs.nets.blocks import MultiScaleHead, ValidUNet, init_weights
 
 __all__ = ["DenseJRSNet", "RegNet", "SegNet"]
 
+_ALL_INPUTS = ("fixed", "moving", "moving_label")
 
-class SegNet(JRSNetwork):
+
+class _HeadedUNet(OneInputNetwork):
+    """One U-Net body with a segmentation head (``seg_head``) and/or a DDF head (``ddf_head``).
+
+    The heads are created segmentation first, so that :func:`init_weights` draws their weights in the order the
+    released checkpoints were made with.
+
+    Args:
+        widths: feature maps per level.
+        inputs: channels of ``image`` it sees.
+        seg: whether it has a segmentation head.
+        reg: whether it has a DDF head.
+    """
+
+    def __init__(self, widths: Sequence[int], inputs: Sequence[str] | str, seg: bool, reg: bool) -> None:
+        super().__init__(inputs)
+        self.body = ValidUNet(len(self.input_index), widths)
+        if seg:
+            self.seg_head = MultiScaleHead(widths, NUM_CLASSES)
+        if reg:
+            self.ddf_head = MultiScaleHead(widths, NUM_DDF_CHANNELS)
+        init_weights(self)
+
+
+class SegNet(_HeadedUNet):
     """Single-task segmentation U-Net; ``pred`` carries a zero DDF.
 
     Args:
@@ -26,23 +51,16 @@ class SegNet(JRSNetwork):
 
     name = "seg"
     tasks = ("seg",)
-    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
-        input_index: torch.Tensor
 
     def __init__(self, widths: Sequence[int] = (23, 45, 91), inputs: Sequence[str] | str = ("fixed",)) -> None:
-        super().__init__()
-        self.register_buffer("input_index", self._index(inputs), persistent=False)
-        self.body = ValidUNet(len(self.input_index), widths)
-        self.seg_head = MultiScaleHead(widths, NUM_CLASSES)
-        init_weights(self)
+        super().__init__(widths, inputs, seg=True, reg=False)
 
     def forward_multiscale(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """``{"logits": [high, mid, low]}``."""
-        features = self.body(torch.index_select(image, 1, self.input_index))
-        return {"logits": self.seg_head(features)}
+        return {"logits": self.seg_head(self.body(self.select_inputs(image)))}
 
 
-class RegNet(JRSNetwork):
+class RegNet(_HeadedUNet):
     """Single-task registration U-Net, also the ``jrs_reg`` network (same net, extra loss term).
 
     ``pred`` logits come from the planning labels warped with the predicted DDF (see :class:`JRSNetwork`).
@@ -54,27 +72,16 @@ class RegNet(JRSNetwork):
 
     name = "reg"
     tasks = ("reg",)
-    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
-        input_index: torch.Tensor
 
-    def __init__(
-        self,
-        widths: Sequence[int] = (23, 45, 91),
-        inputs: Sequence[str] | str = ("fixed", "moving", "moving_label"),
-    ) -> None:
-        super().__init__()
-        self.register_buffer("input_index", self._index(inputs), persistent=False)
-        self.body = ValidUNet(len(self.input_index), widths)
-        self.ddf_head = MultiScaleHead(widths, NUM_DDF_CHANNELS)
-        init_weights(self)
+    def __init__(self, widths: Sequence[int] = (23, 45, 91), inputs: Sequence[str] | str = _ALL_INPUTS) -> None:
+        super().__init__(widths, inputs, seg=False, reg=True)
 
     def forward_multiscale(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """``{"ddf": [high, mid, low]}``."""
-        features = self.body(torch.index_select(image, 1, self.input_index))
-        return {"ddf": self.ddf_head(features)}
+        return {"ddf": self.ddf_head(self.body(self.select_inputs(image)))}
 
 
-class DenseJRSNet(JRSNetwork):
+class DenseJRSNet(_HeadedUNet):
     """Hard parameter sharing (early fusion): one U-Net, a segmentation and a DDF head at each scale.
 
     Args:
@@ -84,22 +91,11 @@ class DenseJRSNet(JRSNetwork):
 
     name = "dense"
     tasks = ("seg", "reg")
-    if TYPE_CHECKING:  # the buffer, declared for the type checker only (TorchScript would read the annotation)
-        input_index: torch.Tensor
 
-    def __init__(
-        self,
-        widths: Sequence[int] = (23, 45, 91),
-        inputs: Sequence[str] | str = ("fixed", "moving", "moving_label"),
-    ) -> None:
-        super().__init__()
-        self.register_buffer("input_index", self._index(inputs), persistent=False)
-        self.body = ValidUNet(len(self.input_index), widths)
-        self.seg_head = MultiScaleHead(widths, NUM_CLASSES)
-        self.ddf_head = MultiScaleHead(widths, NUM_DDF_CHANNELS)
-        init_weights(self)
+    def __init__(self, widths: Sequence[int] = (23, 45, 91), inputs: Sequence[str] | str = _ALL_INPUTS) -> None:
+        super().__init__(widths, inputs, seg=True, reg=True)
 
     def forward_multiscale(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """``{"ddf": [high, mid, low], "logits": [high, mid, low]}``."""
-        features = self.body(torch.index_select(image, 1, self.input_index))
+        features = self.body(self.select_inputs(image))
         return {"ddf": self.ddf_head(features), "logits": self.seg_head(features)}
