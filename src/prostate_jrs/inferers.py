@@ -25,6 +25,7 @@ from monai.networks.blocks import Warp
 from torch import nn
 
 from prostate_jrs.backends import inference_network
+from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.nets.warp import labels_to_onehot
 from prostate_jrs.refine import RefineReport, refine_prediction, refine_settings
 
@@ -324,7 +325,9 @@ def _warp(mode: str) -> Warp:
     return _WARPS[mode]
 
 
-def warp_labels(labels: torch.Tensor, ddf: torch.Tensor, mode: str = "nearest", num_classes: int = 5) -> torch.Tensor:
+def warp_labels(
+    labels: torch.Tensor, ddf: torch.Tensor, mode: str = "nearest", num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
     """Warp a label map with a DDF on the same grid (MONAI ``Warp``).
 
     Args:

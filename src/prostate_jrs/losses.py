@@ -33,7 +33,9 @@ from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrel
 from monai.networks.layers import separable_filtering
 from torch import nn
 
+from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.nets.blocks import BORDERS, STRIDES
+from prostate_jrs.nets.factory import canonical_network_name
 from prostate_jrs.nets.warp import crop_and_decimate, labels_to_onehot, warp_patch
 
 __all__ = ["TASK_TERMS", "WEIGHTINGS", "JRSLoss", "LocalNCCLoss"]
@@ -144,11 +146,11 @@ class JRSLoss(nn.Module):
         bending_weight: float = 0.5,
         ncc_form: str = "paper",
         dwa_temperature: float = 2.0,
-        num_classes: int = 5,
+        num_classes: int = NUM_CLASSES,
     ) -> None:
         super().__init__()
         if isinstance(network, str):
-            key = network.lower().replace("-", "_")
+            key = canonical_network_name(network)
             if key not in TASK_TERMS:
                 raise ValueError(f"unknown network {network!r}; expected one of {list(TASK_TERMS)}")
             terms = TASK_TERMS[key]

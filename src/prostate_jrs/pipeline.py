@@ -53,6 +53,7 @@ from prostate_jrs.dicom.ct_reader import METADATA_KEYS
 from prostate_jrs.errors import BundleError, PipelineError
 from prostate_jrs.evaluation import DailyGridResult, resolve_contour_source, restore_to_daily_grid
 from prostate_jrs.geometry import array_view, ddf_to_grid, index_to_world, label_counts, world_to_index
+from prostate_jrs.hounsfield import BODY_HU
 from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.preprocessing import ModelInputs, PreprocessingError, box_corners, model_grid, model_inputs
@@ -133,7 +134,7 @@ class PipelineSettings:
     folding_limit: float = 0.001
     volume_change_limit_pct: float = 50.0
     residual_limit: float = 3.0
-    body_hu: float = -500.0
+    body_hu: float = BODY_HU
     refine: RefineSettings | None = None
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from prostate_jrs.errors import PreprocessingError
 from prostate_jrs.geometry import affine_transform, array_from_image, index_to_world
+from prostate_jrs.hounsfield import AIR_HU
 
 __all__ = [
     "DAILY_TO_PLANNING",
@@ -50,7 +51,6 @@ RIGID = "rigid"
 #: Key of the item's ``R`` after :class:`prostate_jrs.transforms.ModelGridd`: float64 tensor ``(4, 4)``, LPS.
 DAILY_TO_PLANNING = "daily_to_planning"
 
-_AIR_HU = -1000.0
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Maps LPS world points (DICOM, SimpleITK) to RAS ones (NIfTI, MONAI) and back (it is its own inverse)."""
 
@@ -194,7 +194,7 @@ class ModelInputs:
 
 
 def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, label: bool) -> np.ndarray:
-    interpolator, default = (sitk.sitkNearestNeighbor, 0.0) if label else (sitk.sitkLinear, _AIR_HU)
+    interpolator, default = (sitk.sitkNearestNeighbor, 0.0) if label else (sitk.sitkLinear, AIR_HU)
     return array_from_image(sitk.Resample(image, grid, transform, interpolator, default, sitk.sitkFloat32))
 
 

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from prostate_jrs.errors import NoBoneError
 from prostate_jrs.geometry import identity_grid, index_to_world, world_to_index
+from prostate_jrs.hounsfield import AIR_HU
 
 __all__ = [
     "RIGID_CONVENTION",
@@ -252,7 +253,7 @@ def _matrix(transform: sitk.Euler3DTransform) -> np.ndarray:
 
 
 def resample_moving(
-    moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform, default_value: float = -1000.0, order: int = 1
+    moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform, default_value: float = AIR_HU, order: int = 1
 ) -> sitk.Image:
     """The planning (moving) image on the daily (fixed) grid through a daily-to-planning ``transform``.
 

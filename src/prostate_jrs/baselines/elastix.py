@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from prostate_jrs.geometry import array_from_image, world_to_index
+from prostate_jrs.hounsfield import AIR_HU
 
 __all__ = ["ElastixResult", "ElastixSettings", "register_bspline", "world_ddf_to_voxels"]
 
@@ -80,7 +81,7 @@ class ElastixSettings:
                 "ResampleInterpolator": ["FinalBSplineInterpolator"],
                 "FinalBSplineInterpolationOrder": ["3"],
                 "Resampler": ["DefaultResampler"],
-                "DefaultPixelValue": ["-1000"],
+                "DefaultPixelValue": [f"{AIR_HU:g}"],
                 "ErodeMask": ["false"],
                 "FixedInternalImagePixelType": ["float"],
                 "MovingInternalImagePixelType": ["float"],

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from prostate_jrs.baselines.elastix import ElastixSettings, register_bspline
 from prostate_jrs.evaluation import DailyGridResult, case_metrics, compose_rigid
 from prostate_jrs.geometry import affine_transform, array_from_image, index_to_world, resample_with_ddf
+from prostate_jrs.hounsfield import AIR_HU
 from prostate_jrs.preprocessing import RIGID
 from prostate_jrs.rigid import recorded_or_on_bone
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, MOVING_IMAGE, MOVING_LABEL, TRUE_DDF, case_name
@@ -104,7 +105,7 @@ def score_baseline(
         rigid = recorded_or_on_bone(item.get(RIGID), daily, planning, str(item[FIXED_IMAGE]), RIGID).daily_to_planning
     if method == "elastix":
         crop = sitk.RegionOfInterest(daily, size, start)
-        moving = sitk.Resample(planning, crop, affine_transform(rigid), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+        moving = sitk.Resample(planning, crop, affine_transform(rigid), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
         result = register_bspline(crop, moving, settings)
         seconds = result.seconds  # without itk's one-off loading of its elastix wrappers (~20 s)
         # the crop shares the daily grid's spacing and axes, so its voxel displacement is the daily grid's

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from prostate_jrs.labels import STRUCTURES
+from prostate_jrs.nets.factory import canonical_network_name
 
 __all__ = ["DEFAULT_CONTOUR_SOURCE", "PATHS", "compose_contours", "resolve_contour_source"]
 
@@ -59,7 +60,7 @@ def resolve_contour_source(network_name: str, contour_source: Mapping[str, str] 
         if path not in ("reg", "seg"):
             raise ValueError(f"contour_source[{name!r}] = {path!r}; expected 'reg' or 'seg'")
         source[name] = path
-    forced = _SINGLE_PATH.get(network_name.lower().replace("-", "_"))
+    forced = _SINGLE_PATH.get(canonical_network_name(network_name))
     if forced is not None:
         source = dict.fromkeys(source, forced)
     return source

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from prostate_jrs.evaluation.restore import DailyGridResult, spacing_from_affine
+from prostate_jrs.hounsfield import BODY_HU
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 
 __all__ = ["BODY_HU", "case_metrics", "ddf_error", "deployed_refine", "summarize", "write_csv"]
 
 #: HU above which a daily voxel counts as body for the DDF error (air and couch below).
-BODY_HU = -500.0
 
 
 def ddf_error(

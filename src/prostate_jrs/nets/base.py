@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.nets.blocks import BORDERS
 from prostate_jrs.nets.warp import labels_to_onehot, warp_patch
 
@@ -35,7 +36,6 @@ _ALIASES: dict[str, str] = {
     "planning_label": "moving_label",
     "moving_labels": "moving_label",
 }
-NUM_CLASSES = 5
 NUM_DDF_CHANNELS = 3
 # log-probability floor used when logits are made from warped label probabilities (margin ~13.8)
 _LOG_FLOOR = 1e-6

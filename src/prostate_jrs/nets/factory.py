@@ -15,7 +15,7 @@ from prostate_jrs.nets.cross_stitch import CrossStitchNet
 from prostate_jrs.nets.sedd import SEDDNet
 from prostate_jrs.nets.single import DenseJRSNet, RegNet, SegNet
 
-__all__ = ["DEFAULT_WIDTHS", "NETWORKS", "build_network", "count_parameters"]
+__all__ = ["DEFAULT_WIDTHS", "NETWORKS", "build_network", "canonical_network_name", "count_parameters"]
 
 #: Network name -> class.
 NETWORKS: dict[str, type[JRSNetwork]] = {
@@ -38,6 +38,11 @@ DEFAULT_WIDTHS: dict[str, tuple[int, int, int]] = {
 }
 
 
+def canonical_network_name(name: str) -> str:
+    """A network name as :data:`NETWORKS` spells it: lower case, ``_`` for ``-``."""
+    return name.lower().replace("-", "_")
+
+
 def build_network(name: str, widths: Sequence[int] | None = None, **options: Any) -> JRSNetwork:
     """Build one of the six networks with the bundle-facing interface (``image`` -> ``pred``).
 
@@ -54,7 +59,7 @@ def build_network(name: str, widths: Sequence[int] | None = None, **options: Any
     Raises:
         ValueError: on an unknown name, wrong widths, or an option the network does not take.
     """
-    key = name.lower().replace("-", "_")
+    key = canonical_network_name(name)
     if key not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; expected one of {list(NETWORKS)}")
     widths = DEFAULT_WIDTHS[key] if widths is None else tuple(int(w) for w in widths)

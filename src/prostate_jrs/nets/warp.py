@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from prostate_jrs.labels import NUM_CLASSES
+
 __all__ = ["crop_and_decimate", "labels_to_onehot", "warp_patch"]
 
 
@@ -74,7 +76,7 @@ def crop_and_decimate(x: torch.Tensor, border: int, stride: int, size: Sequence[
     ]
 
 
-def labels_to_onehot(labels: torch.Tensor, num_classes: int = 5) -> torch.Tensor:
+def labels_to_onehot(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """One-hot (B, num_classes, ...) float tensor from an integer-valued label map (B, 1, ...) of any dtype."""
     index = torch.round(labels[:, 0].float()).long().clamp(0, num_classes - 1)
     return F.one_hot(index, num_classes).permute(0, 4, 1, 2, 3).to(torch.float32)

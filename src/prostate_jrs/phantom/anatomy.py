@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from prostate_jrs.geometry import identity_grid
+from prostate_jrs.hounsfield import AIR_HU
 from prostate_jrs.labels import structure_by_name
 
 from .config import AnatomyRanges
@@ -486,7 +487,7 @@ def render(
     shape = grid.shape
     if ddf is not None and ddf.shape != (3, *shape):
         raise ValueError(f"ddf of shape {ddf.shape} does not match grid (3, {shape})")
-    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu = np.full(shape, AIR_HU, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
     lumen = np.zeros(shape, dtype=np.float32)
     width = float(min(grid.spacing))

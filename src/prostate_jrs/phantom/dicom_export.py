@@ -47,6 +47,7 @@ from prostate_jrs.dicom.ct_series import CTSeriesInfo, synthetic_equipment, writ
 from prostate_jrs.dicom.modules import PatientInfo, StudyInfo
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.uids import make_uid
+from prostate_jrs.hounsfield import BODY_OUTLINE_HU
 from prostate_jrs.labels import STRUCTURES, Structure
 
 from .dataset import staged_folder
@@ -90,7 +91,6 @@ SESSIONS_README = (
 
 _TABLE_SHIFT_SD_MM = 15.0
 _TABLE_Z_RANGE_MM = 250.0
-_BODY_HU = -400.0  # planning systems outline the body at about -300 to -500 HU
 _FIRST_PLANNING_DAY = dt.date(2026, 1, 5)
 
 # Fixed software versions, not the package's: the same seed gives the same files with any prostate-jrs release.
@@ -151,11 +151,12 @@ def _translation(offset: np.ndarray) -> np.ndarray:
 
 
 def _body_mask(ct: sitk.Image) -> sitk.Image:
-    """The body outline: largest connected region above -400 HU, enclosed holes (rectal gas) filled.
+    """The body outline: largest connected region above :data:`~prostate_jrs.hounsfield.BODY_OUTLINE_HU`, enclosed
+    holes (rectal gas) filled.
 
     SimpleITK filters throughout: at clinical size numpy round trips of whole volumes cost seconds.
     """
-    mask = ct > _BODY_HU
+    mask = ct > BODY_OUTLINE_HU
     largest = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True) == 1
     return sitk.BinaryFillhole(sitk.Cast(largest, sitk.sitkUInt8), fullyConnected=False, foregroundValue=1)
 

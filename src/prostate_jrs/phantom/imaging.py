@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from prostate_jrs.hounsfield import AIR_HU
+
 from .config import SiteProfile
 from .grid import Grid
 from .shapes import Ellipsoid, occupancy
@@ -12,7 +14,7 @@ from .shapes import Ellipsoid, occupancy
 __all__ = ["HU_MAX", "HU_MIN", "add_noise", "apply_psf", "paint_gas", "to_hu"]
 
 HU_MIN, HU_MAX = -1024, 3071
-GAS_HU = -1000.0
+GAS_HU = AIR_HU
 
 
 def paint_gas(

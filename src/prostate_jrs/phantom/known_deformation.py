@@ -38,6 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage, signal
 
 from prostate_jrs.geometry import array_from_image, identity_grid, image_from_array, index_to_world, resample_with_ddf
+from prostate_jrs.hounsfield import AIR_HU
 
 from .anatomy import Anatomy, TextureField, render, sample_anatomy
 from .config import AnatomyRanges, MotionRanges, SiteProfile
@@ -61,7 +62,6 @@ __all__ = [
 # Seed streams, as in generate.py (anatomy 0, texture 1, motion 3, imaging 4), so seed s draws the same anatomy
 # as phantom patient s.
 _ANATOMY, _TEXTURE, _MOTION, _IMAGING = 0, 1, 3, 4
-_AIR_HU = -1000.0
 
 
 def _flips(image: sitk.Image) -> tuple[bool, bool, bool]:
@@ -293,7 +293,7 @@ class KnownDeformation:
 
 def _deformed_scan(image: sitk.Image, ddf: np.ndarray, noise_hu: float, rng: np.random.Generator) -> sitk.Image:
     """``image`` warped by ``ddf`` with scanner noise of ``noise_hu`` SD added, stored as int16 HU."""
-    hu = resample_with_ddf(image, image, ddf, order=1, default_value=_AIR_HU)
+    hu = resample_with_ddf(image, image, ddf, order=1, default_value=AIR_HU)
     if noise_hu > 0:
         voxel = float(np.prod(image.GetSpacing()))
         add_noise(

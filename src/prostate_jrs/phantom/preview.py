@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from prostate_jrs.geometry import array_from_image
+from prostate_jrs.hounsfield import BODY_HU
 from prostate_jrs.labels import STRUCTURES, structure_by_name
 
 from .generate import Patient
@@ -24,8 +25,8 @@ def _centroid(labels: np.ndarray, name: str) -> np.ndarray | None:
 
 
 def _crop(hu: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop a 2-D view to the body (HU > -500) with a small margin."""
-    rows, cols = np.nonzero(hu > -500)
+    """Crop a 2-D view to the body (HU > :data:`~prostate_jrs.hounsfield.BODY_HU`) with a small margin."""
+    rows, cols = np.nonzero(hu > BODY_HU)
     if len(rows) == 0:
         return hu, lab
     r0, r1 = max(0, rows.min() - 3), rows.max() + 4

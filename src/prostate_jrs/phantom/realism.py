@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from prostate_jrs.geometry import array_from_image
+from prostate_jrs.hounsfield import BODY_OUTLINE_HU
 
 __all__ = ["hu_statistics"]
 
@@ -53,9 +54,9 @@ def hu_statistics(image: sitk.Image, local_mm: float = 9.0, max_local_sd: float 
     """
     hu = array_from_image(image).astype(np.float32)
     spacing = np.asarray(image.GetSpacing())
-    body = _largest_component(hu > -400)
+    body = _largest_component(hu > BODY_OUTLINE_HU)
     if not body.any():
-        raise ValueError("no body (HU > -400) found in the image")
+        raise ValueError(f"no body (HU > {BODY_OUTLINE_HU:g}) found in the image")
     body = ndimage.binary_erosion(ndimage.binary_fill_holes(body), iterations=2)
     inside = hu[body]
     size = [max(3, round(local_mm / s) | 1) for s in spacing]
