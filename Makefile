@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# everything but the tests marked slow (a real PACS, an NVFlare PoC, the fuzz runs, kills); `make test` runs all
+# everything but the tests marked slow (front ends in their own processes; pyproject.toml says which); `make test` runs all
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

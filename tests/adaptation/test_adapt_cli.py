@@ -12,6 +12,7 @@ from prostate_jrs.cli import main
 from prostate_jrs.pipeline import load_bundle
 
 
+@pytest.mark.slow  # a whole adaptation and a bundle load
 def test_adapt_writes_a_loadable_patient_bundle(
     trainable_tiny_bundle: Path, handover: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

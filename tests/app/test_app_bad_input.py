@@ -32,6 +32,9 @@ from bad_sessions import (
 )
 from dicom_edits import edit_rois
 
+# one app process per case; every refusal is also a library test (tests/test_dicom_session_refusals.py)
+pytestmark = pytest.mark.slow
+
 if TYPE_CHECKING:  # conftest is not importable at run time; the fixture hands its helper over
     from conftest import RunApp
 

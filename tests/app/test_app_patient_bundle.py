@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 from prostate_jrs.trust import sha256_file
+
+pytestmark = pytest.mark.slow  # adapts a bundle, then two app processes
 
 if TYPE_CHECKING:  # conftest is not importable at run time; the fixture hands its helper over
     from conftest import RunApp

@@ -17,6 +17,7 @@ def _load() -> ModuleType:
     return load_script(REPO / "benchmarks" / "accuracy.py", "benchmark_accuracy")
 
 
+@pytest.mark.slow  # the tiny study: trains and scores networks
 def test_tiny_study_writes_tables_plots_and_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     accuracy = _load()

@@ -126,6 +126,7 @@ def test_placement_recovers_a_known_translation() -> None:
     assert placement.bone_overlap > 0.8
 
 
+@pytest.mark.slow  # the tiny run of the script, elastix included
 @pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason="shared/fixtures/real/pelvis_ct is absent")
 def test_tiny_run_writes_table_json_and_figure(tmp_path: Path) -> None:
     benchmark = _benchmark()

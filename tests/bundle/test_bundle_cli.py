@@ -17,6 +17,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # five bundle CLI processes
 def test_design_commands(synth_dataset: Path, tiny: dict[str, Any], tmp_path: Path) -> None:
     """train -> evaluate -> infer on a ``prostate-jrs synth`` dataset."""
     shrink = _overrides({**tiny, "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval")})

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -29,6 +29,8 @@ from prostate_jrs.nets import build_network
 from prostate_jrs.phantom import PhantomConfig, write_multisite_dataset
 from prostate_jrs.tiny_bundle import TINY_TRAINING
 
+pytestmark = pytest.mark.slow  # NVFlare simulator runs, tens of seconds each
+
 pytest.importorskip("nvflare")
 pytest.importorskip("ignite")
 

@@ -33,6 +33,8 @@ from prostate_jrs.node.runner import SEND_ORDER
 # waits for a flag file, then exits without writing outputs: an app command whose run the test controls
 WAIT_FOR_FLAG = """\
 import pathlib, sys, time
+
+pytestmark = pytest.mark.slow  # a running DICOM node and app processes per case
 flag = pathlib.Path(sys.argv[1])
 while not flag.exists():
     time.sleep(0.05)
