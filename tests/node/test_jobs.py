@@ -30,11 +30,11 @@ from prostate_jrs.dicom_session import OUTPUT_FILES
 from prostate_jrs.node import Destination, DicomNode, Job, SendError, send_results
 from prostate_jrs.node.runner import SEND_ORDER
 
+pytestmark = pytest.mark.slow  # a running DICOM node and app processes per case
+
 # waits for a flag file, then exits without writing outputs: an app command whose run the test controls
 WAIT_FOR_FLAG = """\
 import pathlib, sys, time
-
-pytestmark = pytest.mark.slow  # a running DICOM node and app processes per case
 flag = pathlib.Path(sys.argv[1])
 while not flag.exists():
     time.sleep(0.05)
