@@ -23,6 +23,7 @@ from prostate_jrs.output_folder import (
     owner_stamp,
     publish,
     recover,
+    staged_folder,
 )
 
 NAMES = ["rtstruct.dcm", "seg.dcm", "registration.dcm", "qa.png", "qa.json"]
@@ -126,3 +127,19 @@ def test_publish_refuses_an_incomplete_staging(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing seg\.dcm; nothing published"):
         publish(staging, tmp_path / "out", NAMES, last="qa.json")
     assert not any((tmp_path / "out" / name).exists() for name in NAMES)
+
+
+def test_staged_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "out"
+    with staged_folder(out) as staging:
+        (staging / "a.txt").write_text("a")
+        assert staging.parent == out.parent and staging.name.startswith(".out.partial-") and not out.exists()
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and (out.stat().st_mode & 0o777) == 0o755
+    with pytest.raises(FileExistsError, match="not an empty folder"), staged_folder(out):
+        pass
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="boom"), staged_folder(empty) as staging:
+        (staging / "b.txt").write_text("b")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "sub"] and not any(empty.iterdir())

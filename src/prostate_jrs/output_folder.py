@@ -8,6 +8,8 @@
   first, so that a folder holding ``qa.json`` holds one complete result, never a mixture of two runs. A journal in
   the staging folder lists the files; a run killed while publishing leaves it, and :func:`recover` completes the
   publication.
+* :func:`staged_folder`: a new folder (a dataset, a bundle) built in a hidden sibling and renamed into place, so it
+  appears complete or not at all.
 * :func:`recover`: removes staging folders whose owner is provably dead (same host, and that process no longer
   exists, or the pid now belongs to a later process, or the machine rebooted), completing interrupted publications;
   folders of live runs, of other hosts or without a stamp are left alone.
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +44,7 @@ __all__ = [
     "owner_stamp",
     "publish",
     "recover",
+    "staged_folder",
 ]
 
 STAGING_PREFIX = ".prostate-jrs.partial-"
@@ -202,3 +206,26 @@ def discard(out_dir: str | os.PathLike[str]) -> None:
             with contextlib.suppress(OSError):  # a publication this run began is completed: its files were complete
                 _finish(staging, out)
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """Build ``out_dir`` all or nothing: in a hidden sibling folder that replaces it when the block succeeds and is
+    removed when the block fails, so that a half-written dataset or bundle is never seen under its name.
+
+    Raises:
+        FileExistsError: if ``out_dir`` exists and is not an empty folder.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the new folder is an ordinary one
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -19,11 +19,11 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from prostate_jrs.output_folder import staged_folder
 
 __all__ = [
     "MODEL_FILE",
@@ -139,16 +139,9 @@ def write_bundle(target: str | os.PathLike[str], fill: Callable[[Path], None], w
     out = Path(target)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite it with {what} (it goes to a new folder)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         fill(staging)
         record_model_hash(staging)
-        staging.chmod(0o755)  # mkdtemp made it private; a bundle is read by whoever runs it
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

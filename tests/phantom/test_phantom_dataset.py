@@ -13,7 +13,7 @@ from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import jacobian_determinant
 from prostate_jrs.phantom import PhantomConfig, generate_patient, write_dataset
 from prostate_jrs.phantom import dataset as dataset_module
-from prostate_jrs.phantom.dataset import check_count, patient_seed, split_patients, staged_folder
+from prostate_jrs.phantom.dataset import check_count, patient_seed, split_patients
 from prostate_jrs.phantom.dicom_export import setup_transform
 from prostate_jrs.rigid import RIGID_CONVENTION, RigidAlignment
 
@@ -190,22 +190,6 @@ def test_items_record_the_rigid_alignment_on_bone(dataset_dir: Path) -> None:
         centre = index_to_world(daily) @ np.r_[prostate.mean(axis=0), 1.0]
         assert np.linalg.norm((rigid.daily_to_planning - exact) @ centre) < 1.5  # mm, at the prostate
         assert rigid.method == "bone" and rigid.residual < 3.0
-
-
-def test_staged_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
-    out = tmp_path / "sub" / "out"
-    with staged_folder(out) as staging:
-        (staging / "a.txt").write_text("a")
-        assert staging.parent == out.parent and staging.name.startswith(".out.partial-") and not out.exists()
-    assert [p.name for p in out.iterdir()] == ["a.txt"] and (out.stat().st_mode & 0o777) == 0o755
-    with pytest.raises(FileExistsError, match="not an empty folder"), staged_folder(out):
-        pass
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(RuntimeError, match="boom"), staged_folder(empty) as staging:
-        (staging / "b.txt").write_text("b")
-        raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "sub"] and not any(empty.iterdir())
 
 
 @pytest.mark.parametrize(

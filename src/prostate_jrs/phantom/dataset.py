@@ -22,13 +22,9 @@ renamed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +34,7 @@ import SimpleITK as sitk
 from prostate_jrs.datasets.splits import split_patients
 from prostate_jrs.geometry import index_to_world
 from prostate_jrs.labels import LABEL_NAMES
+from prostate_jrs.output_folder import staged_folder
 from prostate_jrs.rigid import RIGID_CONVENTION, RigidAlignment, align_on_bone
 
 from .config import PhantomConfig
@@ -140,29 +137,6 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
     if not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else "a non-negative integer"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
-@contextlib.contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """Build ``out_dir`` all or nothing: in a hidden sibling folder that replaces it when the block succeeds and is
-    removed when the block fails, so that a half-written dataset is never seen under its name.
-
-    Raises:
-        FileExistsError: if ``out_dir`` exists and is not an empty folder.
-    """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
-    try:
-        yield staging
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_dataset(

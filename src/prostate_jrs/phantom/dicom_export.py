@@ -49,8 +49,8 @@ from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
 from prostate_jrs.dicom.uids import make_uid
 from prostate_jrs.hounsfield import BODY_OUTLINE_HU
 from prostate_jrs.labels import STRUCTURES, Structure
+from prostate_jrs.output_folder import staged_folder
 
-from .dataset import staged_folder
 from .shapes import rotation_matrix
 
 __all__ = [

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from prostate_jrs.output_folder import staged_folder
+
 from .config import AnatomyRanges, PhantomConfig, SiteProfile
-from .dataset import check_count, staged_folder, write_dataset
+from .dataset import check_count, write_dataset
 
 __all__ = ["INSTITUTES", "Institute", "site_folder_name", "site_seed", "write_multisite_dataset"]
 
