@@ -51,8 +51,9 @@ _USER_ERRORS = SESSION_ERRORS
 def _option_value(argv: Sequence[str], short: str, long: str) -> str | None:
     """The value of ``short``/``long`` (``-m``/``--model``) in ``argv``, if given.
 
-    Read here rather than with the SDK's ``parse_args``, which creates the ``-o`` folder and exits on a missing ``-m``
-    path while parsing: the app must hold the output folder first and name a missing bundle in its own message.
+    Read here rather than with the SDK's ``parse_args``: its ``-o`` type creates the folder while parsing, and
+    :func:`main` must know whether the folder existed before the run; its ``-m`` default (``models``) is not the
+    app's (the repository's ``bundle/``).
     """
     for n, arg in enumerate(argv[1:], start=1):
         if arg in (short, long) and n + 1 < len(argv):
