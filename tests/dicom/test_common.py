@@ -110,12 +110,16 @@ def test_read_whole_raises_the_readers_own_error(tmp_path: Path) -> None:
         (b"1.5", "LO", False),
     ],
 )
-def test_valid_decimal_strings_left_raw_only_when_pydicom_takes_them(value: bytes, vr: str | None, fast: bool) -> None:
+@pytest.mark.parametrize("tag", [0x30060050, 0x30060039])  # ContourData (DS); ROIContourSequence (SQ) written as DS
+def test_valid_decimal_strings_left_raw_only_when_pydicom_takes_them(
+    value: bytes, vr: str | None, fast: bool, tag: int
+) -> None:
     from pydicom.dataelem import RawDataElement
 
     from prostate_jrs.dicom.files import _valid_decimal_strings
 
-    element = RawDataElement(pydicom.tag.Tag(0x30060050), vr, len(value), value, 0, False, True)
+    element = RawDataElement(pydicom.tag.Tag(tag), vr, len(value), value, 0, False, True)
+    fast = fast and tag == 0x30060050  # a sequence written as DS is parsed: read_dicom names it
     assert _valid_decimal_strings(element) is fast
     if fast:  # what pydicom would have made of it: the same numbers, without a warning
         numbers = [float(v) for v in value.decode().rstrip().split("\\")]
@@ -146,3 +150,18 @@ def test_read_dicom_leaves_only_valid_contour_data_raw(tmp_path: Path) -> None:
     garbled = read_dicom(bad).ROIContourSequence[0].ContourSequence[0]
     # pydicom's converter had its say (it keeps text it cannot convert): the RTSTRUCT reader refuses it later
     assert not isinstance(garbled.get_item(0x30060050).value, bytes)
+
+
+def test_read_dicom_names_a_sequence_written_as_decimal_strings(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.add_new(0x30060039, "DS", "1\\2")  # ROIContourSequence with a DS value, as a broken writer leaves it
+    path = tmp_path / "rs.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DamagedFileError, match=r"\(3006,0039\) ROIContourSequence has VR DS; expected a sequence"):
+        read_dicom(path)

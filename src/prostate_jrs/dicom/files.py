@@ -110,13 +110,15 @@ _DS_MAX_CHARACTERS = 16
 
 
 def _valid_decimal_strings(element: RawDataElement) -> bool:
-    """Whether a raw element is an explicit-VR DS whose every value is a valid decimal string of at most 16 characters.
+    """Whether a raw element of a DS attribute, written as DS, has only valid decimal strings of at most 16 characters.
 
     Such an element needs no parsing to be checked: pydicom would convert it without error or warning. Converting it
     makes a Python object per number, and an RTSTRUCT's ContourData holds about 10^5 numbers (a second per structure
-    set); left raw, its reader parses the bytes itself.
+    set); left raw, its reader parses the bytes itself. Anything else (a sequence written as DS among them) is parsed.
     """
     if element.VR != "DS" or not isinstance(element.value, bytes):
+        return False
+    if not pydicom.datadict.dictionary_has_tag(element.tag) or pydicom.datadict.dictionary_VR(element.tag) != "DS":
         return False
     text = element.value.rstrip(b" \x00")
     return (
