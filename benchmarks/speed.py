@@ -14,7 +14,8 @@ context), ``run_pipeline`` (``rigid``, ``preprocess``, ``network``, ``refine``, 
 timings), ``write_contours`` (``rtstruct``), ``write_segmentation`` (``seg``), ``write_registration``
 (``registration``), ``write_qa`` (``qa_files``: qa.json + qa.png) and ``publish``. ``total`` is the wall time of
 all of it. Every fraction runs in a process forked for it, so each is cold, as an app run is; imports (torch and
-MONAI, about 5 s) are not counted.
+MONAI, about 5 s) are not counted, and their objects are frozen out of garbage collection (``gc.freeze``), as
+``app/__main__.py`` does.
 
 Variants (``--variants``), each a set of bundle overrides, measured in the same run and interleaved (repeat r of every
 variant before repeat r + 1 of any, so that the load of a shared machine falls on all alike):
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -281,6 +283,7 @@ def measure_fraction(
         worked on and the rigid alignment.
     """
     _limit_threads(threads)
+    gc.freeze()  # as app/__main__.py does after its imports: full collections skip the imported objects
     load_before, cpu_start = _load(), _cpu_seconds()
     cuda = device.startswith("cuda")
     rss_start = peak_rss_mib()
@@ -401,6 +404,7 @@ def measure_elastix(
     import itk
 
     _limit_threads(threads)
+    gc.freeze()  # as app/__main__.py does after its imports: full collections skip the imported objects
     load_before, cpu_start = _load(), _cpu_seconds()
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)  # transformix and the conversions
     inputs = load_session(session)

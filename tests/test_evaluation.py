@@ -270,3 +270,16 @@ def test_compose_rigid_expresses_the_ddf_against_the_planning_file() -> None:
     x = np.array([1, 2, 3])
     point = affine @ np.r_[x + ddf[:, 1, 2, 3], 1.0]
     np.testing.assert_allclose(affine @ np.r_[x + full[:, 1, 2, 3], 1.0], rotation @ point, atol=1e-4)
+
+
+def test_label_argmax_is_torchs_first_maximum_also_with_ties_and_nan() -> None:
+    import torch
+
+    from prostate_jrs.evaluation.restore import label_argmax
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.integers(0, 3, (5, 6, 7, 8)).astype(np.float32))  # many ties
+    expected = logits.argmax(dim=0).to(torch.uint8)
+    assert torch.equal(label_argmax(logits), expected)
+    logits[3, 1, 2, 3] = float("nan")
+    assert torch.equal(label_argmax(logits), logits.argmax(dim=0).to(torch.uint8))

@@ -104,3 +104,20 @@ def test_identity_grid_of_a_slab_is_that_part_of_the_whole_grid() -> None:
     slab = identity_grid((4, 3, 5), np.float64, start=(0, 0, 3))
     assert slab.dtype == np.float64 and slab.shape == (3, 4, 3, 5)
     np.testing.assert_array_equal(slab, whole[:, :, :, 3:8])
+
+
+@pytest.mark.parametrize(("order", "mode"), [(0, "constant"), (1, "nearest")])
+def test_resample_to_grid_one_slab_is_the_slab_loop(monkeypatch: pytest.MonkeyPatch, order: int, mode: str) -> None:
+    import prostate_jrs.geometry as geometry
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 5, (2, 6, 7, 8)).astype(np.uint8 if order == 0 else np.float32)
+    src = np.diag([1.5, 1.0, 2.0, 1.0])
+    src[:3, 3] = [0.3, -0.2, 0.5]
+    dst = np.eye(4)
+    ddf = rng.normal(0, 0.7, (3, 9, 8, 10)).astype(np.float32)
+    whole = geometry.resample_to_grid(data, src, dst, (9, 8, 10), order=order, mode=mode, ddf=ddf)
+    monkeypatch.setattr(geometry, "_SLAB_POINTS", 9 * 8 * 3)  # slabs of 3 slices
+    slabs = geometry.resample_to_grid(data, src, dst, (9, 8, 10), order=order, mode=mode, ddf=ddf)
+    assert whole.dtype == slabs.dtype == data.dtype
+    np.testing.assert_array_equal(whole, slabs)

@@ -226,17 +226,24 @@ def resample_to_grid(
         raise ValueError(f"ddf of shape {np.shape(ddf)} does not fit the destination grid (3, {shape})")
     displacement = None if ddf is None else np.asarray(ddf, dtype=np.float32)
     source = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
-    out = np.empty((data.shape[0], *shape), dtype=data.dtype if order == 0 else np.float32)
-    slab = max(1, _SLAB_POINTS // max(1, shape[0] * shape[1]))
-    for k0 in range(0, shape[2], slab):
-        k1 = min(k0 + slab, shape[2])
+    dtype = data.dtype if order == 0 else np.float32
+
+    def sample(k0: int, k1: int) -> np.ndarray:
         grid = _sampling_grid(mapping, data.shape[1:], shape, k0, k1, displacement)
         sampled = F.grid_sample(
             source, grid, mode="nearest" if order == 0 else "bilinear", padding_mode="border", align_corners=False
         )[0].numpy()
         if mode == "constant":
             sampled[:, ~_inside_normalised(grid, data.shape[1:])] = cval
-        out[:, :, :, k0:k1] = sampled  # nearest: exact source values (float32 holds integers up to 2^24)
+        return sampled  # nearest: exact source values (float32 holds integers up to 2^24)
+
+    slab = max(1, _SLAB_POINTS // max(1, shape[0] * shape[1]))
+    if 0 < shape[2] <= slab:  # one slab (the box around a model grid): grid_sample's result is the result, not copied
+        return sample(0, shape[2]).astype(dtype, copy=False)
+    out = np.empty((data.shape[0], *shape), dtype=dtype)
+    for k0 in range(0, shape[2], slab):
+        k1 = min(k0 + slab, shape[2])
+        out[:, :, :, k0:k1] = sample(k0, k1)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -94,3 +95,73 @@ def test_read_whole_raises_the_readers_own_error(tmp_path: Path) -> None:
     cut = _cut(FIXTURES / "ct_1.dcm", tmp_path / "half.dcm", 0.5)
     with pytest.raises(_ReaderError, match=r"half\.dcm: truncated or corrupt DICOM file \(.*\); expected a slice$"):
         read_whole(cut, _ReaderError, "a slice")
+
+
+@pytest.mark.parametrize(
+    ("value", "vr", "fast"),
+    [
+        (b"1.5\\-2\\+3.25e-2\\.5 ", "DS", True),
+        (b"-123.456789012345", "DS", False),  # 17 characters: pydicom's converter decides (and warns)
+        (b"abc", "DS", False),
+        (b"NaN", "DS", False),
+        (b"1\\\\2", "DS", False),  # an empty value
+        (b"", "DS", False),
+        (b"1.5", None, False),  # implicit VR: the dictionary's VR, pydicom's business
+        (b"1.5", "LO", False),
+    ],
+)
+@pytest.mark.parametrize("tag", [0x30060050, 0x30060039])  # ContourData (DS); ROIContourSequence (SQ) written as DS
+def test_valid_decimal_strings_left_raw_only_when_pydicom_takes_them(
+    value: bytes, vr: str | None, fast: bool, tag: int
+) -> None:
+    from pydicom.dataelem import RawDataElement
+
+    from prostate_jrs.dicom.files import _valid_decimal_strings
+
+    element = RawDataElement(pydicom.tag.Tag(tag), vr, len(value), value, 0, False, True)
+    fast = fast and tag == 0x30060050  # a sequence written as DS is parsed: read_dicom names it
+    assert _valid_decimal_strings(element) is fast
+    if fast:  # what pydicom would have made of it: the same numbers, without a warning
+        numbers = [float(v) for v in value.decode().rstrip().split("\\")]
+        assert np.allclose(pydicom.values.convert_DS_string(value, True), numbers, rtol=0, atol=0)
+
+
+def test_read_dicom_leaves_only_valid_contour_data_raw(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = "1.2.3.4"
+    contour = Dataset()
+    contour.ContourData = [1.5, -2.0, 3.0]
+    item = Dataset()
+    item.ContourSequence = DicomSequence([contour])
+    ds.ROIContourSequence = DicomSequence([item])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    good = tmp_path / "good.dcm"
+    ds.save_as(good, enforce_file_format=True)
+    read = read_dicom(good)
+    assert isinstance(read.ROIContourSequence[0].ContourSequence[0].get_item(0x30060050).value, bytes)
+    assert [float(v) for v in read.ROIContourSequence[0].ContourSequence[0].ContourData] == [1.5, -2.0, 3.0]
+    bad = tmp_path / "bad.dcm"
+    assert good.read_bytes().count(b"-2.0") == 1
+    bad.write_bytes(good.read_bytes().replace(b"-2.0", b"a2.0"))  # garbled text, as a broken exporter writes it
+    garbled = read_dicom(bad).ROIContourSequence[0].ContourSequence[0]
+    # pydicom's converter had its say (it keeps text it cannot convert): the RTSTRUCT reader refuses it later
+    assert not isinstance(garbled.get_item(0x30060050).value, bytes)
+
+
+def test_read_dicom_names_a_sequence_written_as_decimal_strings(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.add_new(0x30060039, "DS", "1\\2")  # ROIContourSequence with a DS value, as a broken writer leaves it
+    path = tmp_path / "rs.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DamagedFileError, match=r"\(3006,0039\) ROIContourSequence has VR DS; expected a sequence"):
+        read_dicom(path)

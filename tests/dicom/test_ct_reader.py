@@ -227,3 +227,27 @@ def test_gantry_tilt_is_refused(tmp_path: Path, phantom: PhantomMaker) -> None:
     ) as info:
         read_ct_series(files)
     assert any(path.name in str(info.value) for path in files)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept"),
+    [(np.uint16, 1, -1024), (np.int16, 1, 0), (np.uint16, 2, -2048), (np.int16, -1, 10), (np.uint8, 3, -100)],
+)
+def test_integer_hu_is_the_float32_computation(dtype: type, slope: int, intercept: int) -> None:
+    from prostate_jrs.dicom.ct_reader import _integer_hu
+
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    low, high = max(info.min, -3000), min(info.max, 4000)
+    slices = [rng.integers(low, high, (7, 5), dtype=dtype) for _ in range(3)]
+    expected = np.stack(slices).astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    volume = _integer_hu(slices, [float(slope)] * 3, [float(intercept)] * 3)
+    assert volume is not None and volume.dtype == np.int16
+    np.testing.assert_array_equal(volume, expected.astype(np.int16))
+
+
+def test_integer_hu_gives_way_beyond_int16() -> None:
+    from prostate_jrs.dicom.ct_reader import _integer_hu
+
+    slices = [np.array([[0, 40000]], dtype=np.uint16)]
+    assert _integer_hu(slices, [1.0], [-1024.0]) is None

@@ -407,17 +407,46 @@ def _hu_volume(datasets: list[Dataset], paths: list[Path], notes: list[str]) -> 
         intercepts.append(intercept)
         slices.append(stored)
         del ds.PixelData  # headers are kept for referencing; the pixels live in the image
-    stack = np.stack(slices)  # (K, rows, columns) = SimpleITK's (z, y, x) order
     slope_arr, intercept_arr = np.asarray(slopes), np.asarray(intercepts)
     if len(set(slopes)) > 1 or len(set(intercepts)) > 1:
         notes.append("rescale slope/intercept differ between slices; applied per slice")
     integer_rescale = np.all(slope_arr == np.round(slope_arr)) and np.all(intercept_arr == np.round(intercept_arr))
     # float32 is exact for every integer up to 2**24 and halves the memory of float64 (a 512 x 512 x 300 CT: 315 MB)
     exact32 = np.abs(slope_arr).max() * 2**16 + np.abs(intercept_arr).max() < 2**24
+    if integer_rescale and exact32 and all(s.dtype.kind in "iu" and s.dtype.itemsize <= 2 for s in slices):
+        volume = _integer_hu(slices, slopes, intercepts)
+        if volume is not None:
+            return volume
+    stack = np.stack(slices)  # (K, rows, columns) = SimpleITK's (z, y, x) order
     compute = np.float32 if exact32 or not integer_rescale else np.float64
     hu = stack.astype(compute) * slope_arr[:, None, None].astype(compute) + intercept_arr[:, None, None].astype(compute)
     if integer_rescale and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max:
         volume = hu.astype(np.int16)
     else:
         volume = hu.astype(np.float32)
+    return volume
+
+
+def _integer_hu(slices: list[np.ndarray], slopes: list[float], intercepts: list[float]) -> np.ndarray | None:
+    """``stored * slope + intercept`` as int16 ``(K, rows, columns)`` when every HU fits int16, else ``None``.
+
+    For stored values of at most 16 bits and integer rescales with ``|slope| 2^16 + |intercept| < 2^24`` (the caller
+    checks) this is exactly what the float32 computation gives, since every value on the way is an integer below 2^24;
+    done in int32 one slice at a time, it is several times faster than converting the whole stack to float32 and back.
+    """
+    ends = [
+        int(stored.min()) * int(slope) + int(intercept)
+        for stored, slope, intercept in zip(slices, slopes, intercepts, strict=True)
+    ] + [
+        int(stored.max()) * int(slope) + int(intercept)
+        for stored, slope, intercept in zip(slices, slopes, intercepts, strict=True)
+    ]
+    if min(ends) < np.iinfo(np.int16).min or max(ends) > np.iinfo(np.int16).max:
+        return None
+    volume = np.empty((len(slices), *slices[0].shape), dtype=np.int16)
+    scratch = np.empty(slices[0].shape, dtype=np.int32)  # |values| < 2^24
+    for k, (stored, slope, intercept) in enumerate(zip(slices, slopes, intercepts, strict=True)):
+        np.multiply(stored, np.int32(slope), out=scratch)
+        scratch += np.int32(intercept)
+        volume[k] = scratch  # within int16 (the ends above)
     return volume

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -102,20 +103,52 @@ def _short_element(ds: Dataset) -> str | None:
     return None
 
 
+# A valid DS value (PS3.5 table 6.2-1, as pydicom's check): pydicom converts and validates it without error or warning
+_DECIMAL = rb" *[+\-]?(?:\d+|\d+\.\d*|\.\d+)(?:[eE][+\-]?\d+)? *"
+_DECIMALS = re.compile(_DECIMAL + rb"(?:\\" + _DECIMAL + rb")*")
+_DS_MAX_CHARACTERS = 16
+
+
+def _valid_decimal_strings(element: RawDataElement) -> bool:
+    """Whether a raw element of a DS attribute, written as DS, has only valid decimal strings of at most 16 characters.
+
+    Such an element needs no parsing to be checked: pydicom would convert it without error or warning. Converting it
+    makes a Python object per number, and an RTSTRUCT's ContourData holds about 10^5 numbers (a second per structure
+    set); left raw, its reader parses the bytes itself. Anything else (a sequence written as DS among them) is parsed.
+    """
+    if element.VR != "DS" or not isinstance(element.value, bytes):
+        return False
+    if not pydicom.datadict.dictionary_has_tag(element.tag) or pydicom.datadict.dictionary_VR(element.tag) != "DS":
+        return False
+    text = element.value.rstrip(b" \x00")
+    return (
+        _DECIMALS.fullmatch(text) is not None and max(len(value) for value in text.split(b"\\")) <= _DS_MAX_CHARACTERS
+    )
+
+
 def _structure_problem(ds: Dataset) -> str | None:
     """Parse every element of ``ds`` (recursively); the first element the dictionary makes a sequence that is none.
 
     A sequence written with another VR (a PACS that lost the VR, a broken writer) parses into a number or bytes; every
-    reader would then fail on it in its own way, so it is named here.
+    reader would then fail on it in its own way, so it is named here. Valid decimal strings are checked without
+    parsing (:func:`_valid_decimal_strings`); elements are visited in :meth:`Dataset.iterall`'s order.
     """
-    for element in ds.iterall():
+    for tag in sorted(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and _valid_decimal_strings(raw):
+            continue
+        element = ds[tag]
         known = element.VR != "SQ" and pydicom.datadict.dictionary_has_tag(element.tag)
         if known and pydicom.datadict.dictionary_VR(element.tag) == "SQ":
-            tag = element.tag
             return (
                 f"element ({tag.group:04X},{tag.element:04X}) {element.keyword} has VR {element.VR}; expected a "
                 "sequence (SQ)"
             )
+        if element.VR == "SQ":
+            for item in element.value:
+                problem = _structure_problem(item)
+                if problem:
+                    return problem
     return None
 
 

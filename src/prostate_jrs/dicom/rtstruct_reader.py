@@ -407,7 +407,7 @@ def _rasterise(
         RTStructError: if contours of two different planes fall on one CT slice.
     """
     size = tuple(int(n) for n in image.GetSize())
-    mask = np.zeros(size, dtype=bool)
+    mask = _kji_zeros(size, bool)
     off_centre = 0.0
     for k, placed in by_slice.items():
         planes = np.asarray([p[0] for p in placed])
@@ -429,15 +429,22 @@ def _rasterise(
 
 def _label_map(structure_rois: dict[str, ROIInfo], size: tuple[int, ...], notes: list[str]) -> np.ndarray:
     """``uint8`` label map of the structures' masks; where they overlap the lower label wins (noted)."""
-    label_map = np.zeros(size, dtype=np.uint8)
+    label_map = _kji_zeros(size, np.uint8)
     for structure in sorted(STRUCTURES, key=lambda s: -s.label):  # paint high labels first: lower labels win
         roi = structure_rois.get(structure.name)
         if roi is not None and roi.mask is not None:
-            overlap = int((label_map[roi.mask] != 0).sum())
+            # through the transposes: the (K, J, I) memory order, in which the masks are contiguous
+            overlap = int((label_map.T[roi.mask.T] != 0).sum())
             if overlap:
                 notes.append(f"{structure.name} overlaps higher-numbered structures in {overlap} voxel(s); it wins")
-            label_map[roi.mask] = structure.label
+            label_map.T[roi.mask.T] = structure.label
     return label_map
+
+
+def _kji_zeros(size: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Zeros of shape ``(I, J, K)`` stored in SimpleITK's (K, J, I) order: a slice ``[:, :, k]`` is contiguous (the
+    rasteriser fills slice by slice) and the label image is made without a transposing copy."""
+    return np.zeros(size[::-1], dtype=dtype).T
 
 
 def _roi_number(item: Dataset, keyword: str, path: Path, what: str) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "DailyGridResult",
     "compose_rigid",
     "keep_largest_components",
+    "label_argmax",
     "output_grid_affine",
     "registration_path",
     "restore_to_daily_grid",
@@ -143,6 +144,23 @@ def keep_largest_components(label_map: np.ndarray) -> np.ndarray:
     return out if array.ndim == 4 else out[0]
 
 
+def label_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the first maximum along the channel axis of ``(C, ...)`` logits, as ``argmax(dim=0)``.
+
+    torch reduces over the outer axis slowly (0.4 s for 5 x 3 M logits on 2 cores); a running maximum over the
+    channels, a few elementwise passes each, is about 3x faster and gives the same first maximum. A NaN (argmax's
+    maximum) leaves the running maximum NaN; then argmax itself decides.
+    """
+    best = logits[0].clone()
+    index = torch.zeros(logits.shape[1:], dtype=torch.uint8)
+    for channel in range(1, logits.shape[0]):
+        index.masked_fill_(logits[channel] > best, channel)  # strictly greater: the first maximum stays
+        torch.maximum(best, logits[channel], out=best)
+    if torch.isnan(best).any():
+        return logits.argmax(dim=0).to(torch.uint8)
+    return index
+
+
 def restore_to_daily_grid(
     pred: np.ndarray,
     pred_affine: np.ndarray,
@@ -181,8 +199,7 @@ def restore_to_daily_grid(
     converted[:3] = np.tensordot(ddf_vector_map(pred_affine, daily_affine), pred[:3], axes=1)
     restored = resample_to_grid(converted, pred_affine, daily_affine, shape, order=1, mode="nearest")
     ddf = restored[:3]
-    # torch's argmax: the first maximum, as numpy's, but without numpy's copy to put the channel axis last
-    seg = torch.from_numpy(restored[3:]).argmax(dim=0).to(torch.uint8).numpy()
+    seg = label_argmax(torch.from_numpy(restored[3:])).numpy()
     del restored
     seg[~fov] = 0
     seg = keep_largest_components(seg)
