@@ -226,3 +226,32 @@ def test_cuda_matches_cpu(pair: dict[str, torch.Tensor]) -> None:
     assert report.device.startswith("cuda")
     assert _error(cuda.cpu(), pair["truth"]) < 0.35 * _error(start, pair["truth"])
     assert float((cuda.cpu() - cpu).abs().mean()) < 0.05
+
+
+@pytest.mark.parametrize("cpu_threads", [1, None])
+def test_cpu_threads_are_set_for_the_optimisation_and_restored(
+    pair: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch, cpu_threads: int | None
+) -> None:
+    import prostate_jrs.refine as refine_module
+
+    seen = []
+    inner = refine_module._refine
+
+    def recording(*args: object) -> object:
+        seen.append(torch.get_num_threads())
+        return inner(*args)
+
+    monkeypatch.setattr(refine_module, "_refine", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = replace(SETTINGS, iterations=(2, 2), cpu_threads=cpu_threads)
+        refine_ddf(pair["fixed"], pair["moving"], torch.zeros_like(pair["truth"]), settings)
+        assert seen == [1 if cpu_threads == 1 else 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="cpu_threads"):
+        RefineSettings(cpu_threads=0)
