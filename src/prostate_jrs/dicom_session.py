@@ -144,15 +144,14 @@ def load_session(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: input folder not found; expected a folder of DICOM files")
-    # each file is parsed once: the scan reads the files whole and the CT and RTSTRUCT readers take theirs from it
+    # each file is parsed once: the scan reads the files whole and the CT reader takes the selected slices from it
     inventory = scan_folder(folder, whole_files=True)
     session = select_session(inventory, daily_series_uid=daily_series_uid, rtstruct_sop_uid=rtstruct_sop_uid)
     planning = read_ct_series(session.planning_ct.files, whole_datasets=inventory.whole_datasets)
     daily = read_ct_series(session.daily_ct.files, whole_datasets=inventory.whole_datasets)
-    _check_axial(planning, session.planning_rtstruct.path)
-    rtstruct = session.planning_rtstruct.path
-    contours = read_rtstruct(rtstruct, planning, synonyms, whole_dataset=inventory.whole_datasets.get(rtstruct))
     inventory.whole_datasets.clear()  # the volumes keep their slices; the other files' are not needed
+    _check_axial(planning, session.planning_rtstruct.path)
+    contours = read_rtstruct(session.planning_rtstruct.path, planning, synonyms)
     _check_some_structure(contours)
     labels = contours.label_image()
     for keyword in ("FrameOfReferenceUID", "PatientID"):

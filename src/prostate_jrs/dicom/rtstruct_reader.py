@@ -250,7 +250,6 @@ def read_rtstruct(
     frame_of_reference_uid: str | None = None,
     roi_names: Collection[str] | None = None,
     all_rois: bool = False,
-    whole_dataset: Dataset | None = None,
 ) -> RTStructContents:
     """Read an RTSTRUCT and rasterise its ROIs on the reference CT's grid.
 
@@ -263,8 +262,6 @@ def read_rtstruct(
         roi_names: ROIs to rasterise besides the ones that map to a structure; ``None`` for none (an ROI mask
             costs a byte per voxel).
         all_rois: rasterise every ROI.
-        whole_dataset: the file already read whole (``DicomInventory.whole_datasets``), used instead of reading it
-            again; ``None`` reads ``path``.
 
     Returns:
         Masks, mapping, label map and what is unmapped, missing or empty.
@@ -277,9 +274,7 @@ def read_rtstruct(
     path = Path(path)
     synonyms = synonyms or SynonymTable()
     image, reference_frame = _reference_frame(reference, frame_of_reference_uid)
-    ds = whole_dataset
-    if ds is None:
-        ds = read_whole(path, RTStructError, "a complete RTSTRUCT: re-export it")
+    ds = read_whole(path, RTStructError, "a complete RTSTRUCT: re-export it")
     if ds.get("Modality") != "RTSTRUCT":
         raise RTStructError(f"{path}: Modality is {ds.get('Modality')!r}; expected 'RTSTRUCT'")
     _check_frame_of_reference(ds, path, reference_frame)
