@@ -104,19 +104,3 @@ def test_qa_json_says_which_model_ran(patient_bundle: Path, handover: dict) -> N
     assert model["kind"] == "patient" and model["sha256"] == sha256_file(patient_bundle / "models" / "model.pt")
     assert model["fractions_used"] == 1 and len(model["base_sha256"]) == 64
     assert qa_document(result, inputs, PipelineSettings())["model"] is None  # type: ignore[arg-type]
-
-
-def test_each_ct_file_is_parsed_once(session_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the scan reads the files whole and the CT reader takes the selected slices from it, instead of a second parse
-    reads: list[Path] = []
-    dcmread = pydicom.dcmread
-
-    def counting(path: Path, **kwargs: object) -> pydicom.Dataset:
-        reads.append(Path(path))
-        return dcmread(path, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pydicom, "dcmread", counting)
-    inputs = load_session(session_folder)
-    ct_files = [*inputs.planning.files, *inputs.daily.files]
-    assert sorted(p for p in reads if p in set(ct_files)) == sorted(ct_files)
-    assert not inputs.session.inventory.whole_datasets  # only the volumes keep their slices

@@ -39,7 +39,7 @@ from prostate_jrs import output_folder
 from prostate_jrs.adaptation.patient_bundle import check_bundle_patient, model_summary
 from prostate_jrs.backends import resolve_backend
 from prostate_jrs.dicom.ct_reader import METADATA_KEYS, CTVolume, read_ct_series
-from prostate_jrs.dicom.discovery import AdaptiveSession, scan_folder, select_session
+from prostate_jrs.dicom.discovery import AdaptiveSession, select_session
 from prostate_jrs.dicom.registration import RegistrationOptions, registration_grid, write_deformable_registration
 from prostate_jrs.dicom.rtstruct_reader import RTStructContents, RTStructError, read_rtstruct
 from prostate_jrs.dicom.rtstruct_writer import RTStructOptions, write_rtstruct
@@ -144,12 +144,9 @@ def load_session(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: input folder not found; expected a folder of DICOM files")
-    # each file is parsed once: the scan reads the files whole and the CT reader takes the selected slices from it
-    inventory = scan_folder(folder, whole_files=True)
-    session = select_session(inventory, daily_series_uid=daily_series_uid, rtstruct_sop_uid=rtstruct_sop_uid)
-    planning = read_ct_series(session.planning_ct.files, whole_datasets=inventory.whole_datasets)
-    daily = read_ct_series(session.daily_ct.files, whole_datasets=inventory.whole_datasets)
-    inventory.whole_datasets.clear()  # the volumes keep their slices; the other files' are not needed
+    session = select_session(folder, daily_series_uid=daily_series_uid, rtstruct_sop_uid=rtstruct_sop_uid)
+    planning = read_ct_series(session.planning_ct.files)
+    daily = read_ct_series(session.daily_ct.files)
     _check_axial(planning, session.planning_rtstruct.path)
     contours = read_rtstruct(session.planning_rtstruct.path, planning, synonyms)
     _check_some_structure(contours)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,11 +117,9 @@ def tag_name(keyword: str) -> str:
     return "" if tag is None else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _read_file(path: Path, whole: Mapping[Path, Dataset]) -> Dataset:
+def _read_file(path: Path) -> Dataset:
     # a slice that cannot be read completely is never dropped: the volume would miss a slice
-    ds = whole.get(path)
-    if ds is None:
-        ds = read_whole(path, CTSeriesError, "a complete CT slice: re-export the series or remove the file")
+    ds = read_whole(path, CTSeriesError, "a complete CT slice: re-export the series or remove the file")
     if "PixelData" not in ds:
         # a file cut exactly between two elements loses its last ones; for a CT slice that is the pixel data
         raise CTSeriesError(
@@ -225,7 +223,6 @@ def read_ct_series(
     *,
     spacing_tolerance: float = 0.01,
     expected_modality: str | None = "CT",
-    whole_datasets: Mapping[Path, Dataset] | None = None,
 ) -> CTVolume:
     """Read the slices of one CT series into a volume.
 
@@ -234,8 +231,6 @@ def read_ct_series(
         spacing_tolerance: largest allowed relative deviation of a slice gap from the median gap; larger
             deviations are reported as missing or extra slices.
         expected_modality: Modality every file must have; ``None`` accepts any single-frame image series.
-        whole_datasets: files already read whole (``DicomInventory.whole_datasets``), by path, used instead of
-            reading them again; the others are read here.
 
     Returns:
         The volume, the headers and the files in slice order.
@@ -247,7 +242,7 @@ def read_ct_series(
     if not files:
         raise CTSeriesError("no files given for the CT series")
     paths = [Path(f) for f in files]
-    datasets = [_read_file(p, whole_datasets or {}) for p in paths]
+    datasets = [_read_file(p) for p in paths]
     _check_slices(datasets, paths, expected_modality)
     first, first_path = datasets[0], paths[0]
     try:

@@ -268,8 +268,6 @@ class DicomInventory:
             each. :func:`select_session` refuses those that may belong to the session.
         hidden: hidden files and folders (names starting with ``.``), not scanned.
         duplicate_files: further copies of an image instance already in its series (same SOP Instance UID), skipped.
-        whole_datasets: with ``scan_folder(..., whole_files=True)``, every file read whole (pixels included, as
-            :func:`prostate_jrs.dicom.files.read_dicom` reads it without options), by path; else empty.
 
     Other modalities (RTPLAN, RTDOSE, REG, MR, ...) are series like the CTs; the selection only takes CT series.
     """
@@ -282,7 +280,6 @@ class DicomInventory:
     unreadable_files: list[UnreadableFile] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
     duplicate_files: list[Path] = field(default_factory=list)
-    whole_datasets: dict[Path, Dataset] = field(default_factory=dict)
 
     def patients(self) -> set[str]:
         """Patient IDs of every series and structure set."""
@@ -447,16 +444,13 @@ def _add_image(inventory: DicomInventory, ds: Dataset, path: Path) -> None:
         series.plan_datetime = planned
 
 
-def scan_folder(folder: str | os.PathLike[str], *, whole_files: bool = False) -> DicomInventory:
+def scan_folder(folder: str | os.PathLike[str]) -> DicomInventory:
     """Read the headers of every file under ``folder`` and group them into series and structure sets.
 
     Non-DICOM files (no Part 10 preamble) and DICOMDIR files are skipped and counted, not read.
 
     Args:
         folder: the input folder.
-        whole_files: read every file whole and keep it in ``whole_datasets``, so that a caller about to read the
-            selected series does not parse them a second time (a session folder); ``False`` reads headers only
-            (an archive of many patients, whose pixels would not fit in memory). Files are placed the same way.
 
     Returns:
         The inventory.
@@ -470,7 +464,7 @@ def scan_folder(folder: str | os.PathLike[str], *, whole_files: bool = False) ->
     inventory = DicomInventory(folder=folder)
     for path in _iter_files(folder, inventory.hidden):
         try:
-            ds = _read_for_scan(path, inventory.whole_datasets if whole_files else None)
+            ds = read_dicom(path, stop_before_pixels=True, specific_tags=_IMAGE_TAGS)
         except pydicom.errors.InvalidDicomError:
             inventory.non_dicom_files.append(path)
             continue
@@ -500,23 +494,6 @@ def scan_folder(folder: str | os.PathLike[str], *, whole_files: bool = False) ->
         series.files = [series.files[i] for i in order]
         series.sop_instance_uids = [series.sop_instance_uids[i] for i in order]
     return inventory
-
-
-def _read_for_scan(path: Path, whole: dict[Path, Dataset] | None) -> Dataset:
-    """The dataset :func:`scan_folder` places: the header, or with ``whole`` the whole file, kept in ``whole``.
-
-    A whole file that is damaged falls back to the header read, so that the scan places and reports it as a header
-    read would (a slice damaged after its header is refused by the CT reader, naming the file, as before).
-    """
-    if whole is not None:
-        try:
-            ds = read_dicom(path)
-        except DamagedFileError:
-            pass
-        else:
-            whole[path] = ds
-            return ds
-    return read_dicom(path, stop_before_pixels=True, specific_tags=_IMAGE_TAGS)
 
 
 def _tag(keyword: str) -> str:
