@@ -95,6 +95,11 @@ def test_label_counts_match_bincount_for_every_layout() -> None:
     assert np.array_equal(label_counts(labels[::2]), np.bincount(labels[::2].ravel()))
     assert np.array_equal(label_counts(labels.astype(np.int16)), expected)
     assert label_counts(np.zeros((2, 2, 2), dtype=np.uint8)).tolist() == [8]
+    sparse = np.zeros((30, 40, 20), np.uint8)  # labels in a small box: only the box is counted, the rest is zeros
+    sparse[5:9, 30:40, 2:3] = labels[5:9, 30:40, 2:3]
+    sparse_image = sitk.GetImageFromArray(sparse)
+    for layout in (sparse, array_view(sparse_image), sparse[::2]):
+        assert np.array_equal(label_counts(layout, chunk=7), np.bincount(np.ravel(layout)))
     with pytest.raises(ValueError, match="negative"):
         label_counts(np.full((2, 2, 2), -1, dtype=np.int16))
 

@@ -4,7 +4,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, jacobian_determinant, structure_metrics
 
 
@@ -91,3 +93,28 @@ def test_folding_is_counted_inside_the_mask():
     assert deformation_quality(ddf, mask).folding_fraction == 0.0
     with pytest.raises(ValueError, match="selects no voxel"):
         deformation_quality(ddf, np.zeros((10, 10, 10), bool))
+
+
+def test_surface_metrics_equal_monais_functions_bit_for_bit() -> None:
+    # MSD and HD95 come from one surface-distance computation; they must stay MONAI's values exactly
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    rng = np.random.default_rng(3)
+    spacing = [0.98, 0.98, 3.0]
+    for _ in range(3):
+        reference = np.zeros((40, 36, 20), np.uint8)
+        reference[8:30, 6:28, 4:15] = rng.integers(1, 5, size=(22, 22, 11))
+        reference[:4, 10:20, :3] = rng.integers(1, 5)  # a structure on the array's edge: MONAI pads its crop there
+        prediction = np.roll(reference, rng.integers(-3, 4, size=3), axis=(0, 1, 2))
+        prediction[rng.random(prediction.shape) < 0.05] = 0
+        rows = structure_metrics(prediction, reference, spacing)
+        pred = one_hot(torch.as_tensor(prediction, dtype=torch.long)[None, None], num_classes=5, dim=1)
+        ref = one_hot(torch.as_tensor(reference, dtype=torch.long)[None, None], num_classes=5, dim=1)
+        for structure in STRUCTURES:
+            pair = (pred[:, structure.label : structure.label + 1], ref[:, structure.label : structure.label + 1])
+            msd = float(
+                compute_average_surface_distance(*pair, include_background=True, symmetric=True, spacing=spacing)
+            )
+            hd95 = float(compute_hausdorff_distance(*pair, include_background=True, percentile=95, spacing=spacing))
+            assert (rows[structure.name].msd_mm, rows[structure.name].hd95_mm) == (msd, hd95)

@@ -15,8 +15,9 @@ from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
 
 from prostate_jrs.dicom_session import load_session
+from prostate_jrs.errors import PreprocessingError
 from prostate_jrs.pipeline import load_bundle, run_pipeline
-from prostate_jrs.preprocessing import DAILY_TO_PLANNING, model_inputs, ras_affine
+from prostate_jrs.preprocessing import DAILY_TO_PLANNING, model_grid, model_inputs, ras_affine
 from prostate_jrs.rigid import RigidAlignment
 from prostate_jrs.tiny_bundle import write_tiny_bundle
 from prostate_jrs.transforms import ModelGridd, image_from_metatensor, load_datalist
@@ -150,3 +151,20 @@ def test_an_item_without_rigid_record_is_aligned_or_refused(imported_archive: Pa
     np.testing.assert_allclose(aligned[DAILY_TO_PLANNING].numpy(), record["daily_to_planning"], atol=0.01)
     with pytest.raises(ValueError, match=r"_ct\.nii\.gz: the datalist item has no 'rigid' record"):
         ModelGridd(keys, model_spacing=4.0, crop_margin_mm=16.0, align_missing=False)(data)
+
+
+def test_model_grid_takes_the_contours_box_of_a_transposed_view() -> None:
+    # the box comes from per-axis projections; a strided (I, J, K) view gives the box of every labelled voxel
+    grid = sitk.Image([40, 30, 20], sitk.sitkUInt8)
+    grid.SetSpacing([1.0, 2.0, 3.0])
+    array = np.zeros((20, 30, 40), np.uint8)  # (K, J, I)
+    array[3, 7, 11] = array[15, 22, 30] = 2
+    view = array.transpose(2, 1, 0)
+    copy = np.ascontiguousarray(view)
+    daily = sitk.Image([100, 100, 100], sitk.sitkInt16)
+    for labels in (view, copy):
+        box = model_grid(daily, labels, grid, np.eye(4), 1.0, 0.0)
+        # voxels 11..30 (I), 7..22 (J), 3..15 (K), half a voxel beyond each: (20, 32, 39) mm, floor + 1 voxels
+        assert box.GetSize() == (21, 33, 40)
+    with pytest.raises(PreprocessingError, match="label map is empty"):
+        model_grid(daily, np.zeros_like(view), grid, np.eye(4), 1.0, 0.0)

@@ -74,10 +74,14 @@ def label_counts(labels: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
         out = np.zeros(int(values.max(initial=0)) + 1, dtype=np.int64)
         out[values.astype(np.int64)] = counts
         return out
-    flat = array.T.ravel() if array.T.flags.c_contiguous else array.ravel()  # a view for SimpleITK's buffers
+    # only the labelled box is counted (a contour map is mostly background): the rest is zeros
+    box = label_box(array) if array.ndim == 3 else None
+    inside = array[box] if box is not None else array
+    flat = inside.T.ravel() if inside.T.flags.c_contiguous else inside.ravel()  # a view for SimpleITK's buffers
     counts = np.zeros(256, dtype=np.int64)
     for start in range(0, flat.size, chunk):
         counts += np.bincount(flat[start : start + chunk], minlength=256)
+    counts[0] += array.size - inside.size
     return counts[: int(np.flatnonzero(counts).max(initial=0)) + 1]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from prostate_jrs.errors import PreprocessingError
-from prostate_jrs.geometry import affine_transform, array_from_image, index_to_world
+from prostate_jrs.geometry import affine_transform, array_from_image, array_view, index_to_world
 from prostate_jrs.hounsfield import AIR_HU
 
 __all__ = [
@@ -141,10 +141,16 @@ def _contours_along(
     Raises:
         PreprocessingError: if the planning map has no contour.
     """
-    labelled = np.argwhere(np.asarray(planning_labels) > 0)
-    if labelled.size == 0:
+    # the box from per-axis projections, not from every labelled voxel's index (np.argwhere): same box, a fraction
+    # of the time on a full-resolution planning map
+    labelled = np.asarray(planning_labels) > 0
+    if not labelled.any():
         raise PreprocessingError("the planning label map is empty: no planning contour to place the model grid on")
-    lo, hi = labelled.min(axis=0) - 0.5, labelled.max(axis=0) + 0.5
+    spans = []
+    for axis in range(3):
+        hit = np.flatnonzero(labelled.any(axis=tuple(a for a in range(3) if a != axis)))
+        spans.append((hit[0], hit[-1]))
+    lo, hi = np.array(spans, dtype=np.float64).T + np.array([[-0.5], [0.5]])
     planning_to_daily = np.linalg.inv(daily_to_planning)
     corners = box_corners(planning_grid, lo, hi)
     corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
@@ -231,9 +237,15 @@ def model_inputs(
     Raises:
         PreprocessingError: if the planning contours do not reach the daily CT after the rigid alignment.
     """
-    labels = array_from_image(planning_labels)
+    # a view, not a transposed copy of the full-resolution planning map: only its contours' box is needed
     grid = model_grid(
-        daily_ct, labels, planning_labels, daily_to_planning, spacing, margin_mm, context_voxels * spacing
+        daily_ct,
+        array_view(planning_labels),
+        planning_labels,
+        daily_to_planning,
+        spacing,
+        margin_mm,
+        context_voxels * spacing,
     )
     context = grown(grid, context_voxels)
     to_planning = affine_transform(daily_to_planning)
