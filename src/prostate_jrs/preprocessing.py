@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from prostate_jrs.errors import PreprocessingError
-from prostate_jrs.geometry import affine_transform, array_from_image, array_view, index_to_world
+from prostate_jrs.geometry import affine_transform, array_from_image, array_view, index_to_world, label_box
 from prostate_jrs.hounsfield import AIR_HU
 
 __all__ = [
@@ -141,16 +141,13 @@ def _contours_along(
     Raises:
         PreprocessingError: if the planning map has no contour.
     """
-    # the box from per-axis projections, not from every labelled voxel's index (np.argwhere): same box, a fraction
-    # of the time on a full-resolution planning map
-    labelled = np.asarray(planning_labels) > 0
-    if not labelled.any():
+    # label_box: per-axis projections, not every labelled voxel's index (np.argwhere); a fraction of the time on a
+    # full-resolution planning map
+    box = label_box(np.asarray(planning_labels) > 0)
+    if box is None:
         raise PreprocessingError("the planning label map is empty: no planning contour to place the model grid on")
-    spans = []
-    for axis in range(3):
-        hit = np.flatnonzero(labelled.any(axis=tuple(a for a in range(3) if a != axis)))
-        spans.append((hit[0], hit[-1]))
-    lo, hi = np.array(spans, dtype=np.float64).T + np.array([[-0.5], [0.5]])
+    lo = np.array([axis.start for axis in box], dtype=np.float64) - 0.5
+    hi = np.array([axis.stop for axis in box], dtype=np.float64) - 0.5
     planning_to_daily = np.linalg.inv(daily_to_planning)
     corners = box_corners(planning_grid, lo, hi)
     corners = (planning_to_daily[:3, :3] @ corners.T).T + planning_to_daily[:3, 3]
