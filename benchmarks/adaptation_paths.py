@@ -44,7 +44,7 @@ import adaptation as study  # the sibling benchmark: data, patient bundles, scor
 from prostate_jrs.adaptation.finetune import AdaptSettings
 from prostate_jrs.dicom_session import load_session
 from prostate_jrs.phantom.handover import fraction_folders
-from prostate_jrs.pipeline import load_bundle, run_pipeline
+from prostate_jrs.pipeline import PipelineSettings, load_bundle, run_pipeline
 from prostate_jrs.rigid import RigidAlignment, align_on_bone
 
 #: Refinements of the bundle's mode: overrides of its settings (``None``: refinement off).
@@ -52,7 +52,7 @@ REFINEMENTS: dict[str, dict[str, Any] | None] = {
     "off": None,
     "zero": {},
     "network": {"init": "network"},
-    "guided": {"guidance_weight": 0.05, "guidance_structures": ["rectum", "bladder"]},
+    "guided": {"guidance_weight": 0.05, "guidance_structures": ("rectum", "bladder")},
 }
 #: The variant every other one is tested against: the generic model with the bundle's default refinement.
 BASELINE = ("generic", "zero")
@@ -77,7 +77,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.patients, args.fractions, args.approved, args.steps = 1, 3, [1], 2
-    args.freeze_norm, args.device = True, "cpu"
     return args
 
 
@@ -88,15 +87,17 @@ def variants(approved: Sequence[int]) -> list[tuple[str, str]]:
     return [(m, r) for m in models for r in REFINEMENTS if m == "generic" or r != "zero"]
 
 
-def score_variant(inputs: Any, rigid: RigidAlignment, bundle: Path, refinement: str, truth: Path) -> dict[str, Any]:
-    """Both paths and the final contours of one model and refinement on one fraction (DSC, MSD, HD95 each)."""
-    network, settings = load_bundle(bundle, device="cpu")
+def score_variant(
+    inputs: Any, rigid: RigidAlignment, model: tuple[Any, PipelineSettings], refinement: str, truth: Path
+) -> dict[str, Any]:
+    """Both paths and the final contours of one loaded model (``load_bundle``) and refinement on one fraction (DSC,
+    MSD, HD95 each)."""
+    network, settings = model
     overrides = REFINEMENTS[refinement]
     if overrides is None or settings.refine is None:
         run = dataclasses.replace(settings, refine=None)
     else:
-        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        run = dataclasses.replace(settings, refine=dataclasses.replace(settings.refine, **changes))
+        run = dataclasses.replace(settings, refine=dataclasses.replace(settings.refine, **overrides))
     start = time.perf_counter()
     result = run_pipeline(inputs.planning.image, inputs.planning_labels, inputs.daily.image, network, run, rigid=rigid)
     row: dict[str, Any] = {"seconds": time.perf_counter() - start}
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     last = max(args.approved)
     for pid, fractions in sorted(fraction_folders(data, args.work / "sessions").items()):
         models = {"generic": base}
+        loaded: dict[str, tuple[Any, PipelineSettings]] = {}
         for n in args.approved:
             approved = [fractions[k].approved for k in range(1, n + 1)]
             models[f"adapted_{n}"] = study.patient_bundle(
@@ -183,8 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = load_session(fractions[k].scan)
             rigid = RigidAlignment.from_result(align_on_bone(inputs.daily.image, inputs.planning.image))
             for model, refinement in todo:
+                if model not in loaded:  # once per patient, and only when a fraction still needs it
+                    loaded[model] = load_bundle(models[model], device="cpu")
                 row = {"case": case, "model": model, "refine": refinement}
-                row.update(score_variant(inputs, rigid, models[model], refinement, fractions[k].truth))
+                row.update(score_variant(inputs, rigid, loaded[model], refinement, fractions[k].truth))
                 rows.append(row)
                 with sink.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
