@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -296,3 +297,35 @@ def test_default_settings_derive_the_tile_output_size(patient: Patient) -> None:
     result = run_pipeline(planning.image, planning.labels, daily, EchoNet(), PipelineSettings())  # 96^3 tiles, 1 mm
     assert _same_geometry(result.labels, daily)
     assert result.model_grid.GetSpacing() == pytest.approx((1.0, 1.0, 1.0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="no OpenVINO")
+def test_refinement_beside_the_network_gives_the_results_of_one_after_the_other(patient: Patient) -> None:
+    """On a CPU engine, a refinement that needs nothing from the network runs in a thread beside it (each on one
+    thread); contours, DDF and the refinement's report are those of the same run one stage after the other."""
+    planning = patient.planning
+    daily = _shifted(planning.image, OFFSET)
+    rigid = RigidAlignment(_translation(-OFFSET * 0.5), None, "given")
+    torch.manual_seed(0)
+    network = build_network("cross_stitch", [4, 8, 16]).eval()
+    refine = refine_settings("accurate", {"iterations": [10, 5, 5]})
+    settings = replace(TINY, backend="openvino", refine=refine)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for beside, count in ((False, 1), (True, 2)):
+            torch.set_num_threads(count)  # one thread: no room beside the network; two: one each
+            results[beside] = run_pipeline(planning.image, planning.labels, daily, network, settings, rigid=rigid)
+            assert torch.get_num_threads() == count  # restored after the thread
+    finally:
+        torch.set_num_threads(threads)
+    alone, beside = results[False].qa["refine"], results[True].qa["refine"]
+    assert beside.pop("beside_network") is True and "beside_network" not in alone
+    for report in (alone, beside):
+        report.pop("seconds"), report.pop("cpu_seconds")
+    assert beside == alone  # similarity_before: the network's DDF in both
+    assert np.array_equal(results[True].model_ddf, results[False].model_ddf)
+    for name in ("labels", "reg", "seg"):
+        assert np.array_equal(
+            array_from_image(getattr(results[True], name)), array_from_image(getattr(results[False], name))
+        )

@@ -15,7 +15,9 @@ from prostate_jrs.nets.warp import labels_to_onehot, warp_patch
 from prostate_jrs.refine import (
     REFINE_MODES,
     RefineSettings,
+    _Adam,
     _folding,
+    context_similarity,
     mind_ssc,
     refine_ddf,
     refine_prediction,
@@ -160,6 +162,40 @@ def test_refine_prediction_changes_only_the_ddf(pair: dict[str, torch.Tensor]) -
     torch.testing.assert_close(refined[:, 3:], logits)
     assert report.as_dict()["mode"] == "fast"
     assert _error(refined[:, :3], pair["truth"]) < _error(pred[:, :3], pair["truth"])
+
+
+def test_context_similarity_is_the_reports_similarity_of_the_start(pair: dict[str, torch.Tensor]) -> None:
+    """What the pipeline reports for the network's DDF when the refinement did not start from it."""
+    inputs = torch.cat([F.pad(pair["fixed"], [BORDER] * 6, mode="replicate"), pair["moving"], pair["moving"]], dim=1)
+    start = _smooth_field(0.7)
+    settings = replace(REFINE_MODES["fast"], init="network")  # type: ignore[type-var]
+    _, report = refine_prediction(inputs, torch.cat([start, torch.zeros(1, NUM_CLASSES, *SIZE)], dim=1), settings)
+    assert context_similarity(inputs, start, settings) == report.similarity_before
+    assert context_similarity(inputs, pair["truth"], settings) < report.similarity_before
+
+
+def test_adam_is_torchs_adam_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.randn(2, 3, 4, 5, generator=generator)
+    theirs = ours.clone().requires_grad_(True)
+    ours.requires_grad_(True)
+    step, reference = _Adam(ours, lr=0.3), torch.optim.Adam([theirs], lr=0.3)
+    for _ in range(25):
+        gradient = torch.randn(ours.shape, generator=generator) * 10 ** float(
+            torch.randint(-6, 3, (1,), generator=generator)
+        )
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        step.step()
+        reference.step()
+        assert torch.equal(ours, theirs)
+
+
+def test_what_the_refinement_needs_from_the_network() -> None:
+    accurate = REFINE_MODES["accurate"]
+    assert accurate is not None and not accurate.needs_network  # the default runs beside the network
+    assert replace(accurate, init="network").needs_network and replace(accurate, init="auto").needs_network
+    guided = replace(accurate, guidance_weight=0.05, guidance_structures=("rectum",))
+    assert guided.needs_network and not replace(guided, guidance_weight=0.0).needs_network
 
 
 def test_structure_guidance_pulls_the_labels_onto_the_segmentation(pair: dict[str, torch.Tensor]) -> None:

@@ -26,8 +26,8 @@ network. Design:
   0.03-0.06% of voxels).
 * **Structure guidance** (optional). Soft Dice between the planning label map warped trilinearly by the field and
   the segmentation path's softmax, for the structures the settings trust.
-* **Optimiser.** Adam per level, a fixed iteration budget, early stop when the loss has not improved by a relative
-  ``tolerance`` for ``patience`` iterations.
+* **Optimiser.** Adam per level (``torch.optim.Adam``'s update, written out: :class:`_Adam`), a fixed iteration
+  budget, early stop when the loss has not improved by a relative ``tolerance`` for ``patience`` iterations.
 * **Sampling.** A level may compute its similarity on every ``n``-th voxel per axis from a random phase per step
   (``sampling_stride``, as elastix samples its metric at random points): the full-resolution level of ``accurate``
   costs an eighth per step and visits every voxel over its steps.
@@ -58,6 +58,8 @@ __all__ = [
     "REFINE_MODES",
     "RefineReport",
     "RefineSettings",
+    "context_similarity",
+    "refine_context",
     "refine_ddf",
     "refine_prediction",
     "refine_settings",
@@ -162,6 +164,12 @@ class RefineSettings:
         unknown = sorted(set(self.guidance_structures) - known)
         if unknown:
             raise ValueError(f"guidance_structures: unknown {unknown}; expected some of {sorted(known)}")
+
+    @property
+    def needs_network(self) -> bool:
+        """Whether the optimisation reads the network's output: its DDF as a start (``init`` other than ``"zero"``)
+        or its segmentation as guidance. Without it, the refinement can run beside the network."""
+        return self.init != "zero" or (self.guidance_weight > 0 and bool(self.guidance_structures))
 
     @property
     def budget(self) -> int:
@@ -505,6 +513,34 @@ def _similarity(level: _Level, ddf: torch.Tensor, settings: RefineSettings) -> t
     return level.lncc(warped, weight)
 
 
+class _Adam:
+    """``torch.optim.Adam``'s update with its defaults (the single-tensor path it takes on a CPU) for one tensor.
+
+    Hand-written because ``torch.optim`` imports ``torch._dynamo`` at its first optimiser (0.45 s and 300 modules in
+    a fresh process such as the app's, a sixth of a CPU refinement, with the GIL held); the same arithmetic in the
+    same order, tested bit-identical to it.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update from ``param.grad``."""
+        grad, (beta1, beta2) = self.param.grad, self.betas
+        assert grad is not None
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(self.steps)
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-(self.lr / bias_correction1))
+
+
 def _optimise_level(
     level: _Level, grid: _ControlGrid, nodes: torch.Tensor, settings: RefineSettings, iterations: int, stride: int = 1
 ) -> tuple[torch.Tensor, int, float]:
@@ -514,7 +550,7 @@ def _optimise_level(
     follows is then noisy, so the level runs its whole budget.
     """
     param = nodes.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([param], lr=settings.learning_rate * level.factor)
+    optimiser = _Adam(param, lr=settings.learning_rate * level.factor)
     weights = grid.weights(_positions(grid.size, level.factor, nodes.device))
     generator = torch.Generator().manual_seed(level.factor)  # reproducible lattices
     dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -524,7 +560,7 @@ def _optimise_level(
         if stride > 1:
             sub, phase = _sampled(level, stride, generator)
             lattice_weights = [w[p::stride] for w, p in zip(weights, phase, strict=True)]
-        optimiser.zero_grad(set_to_none=True)
+        param.grad = None
         smooth = _smooth(param, settings.smoothing_passes)
         ddf = _total_field(sub.init, _interpolate(smooth, lattice_weights) / (level.factor * stride), settings)
         loss = _similarity(sub, ddf, settings) + settings.diffusion_weight * _diffusion(smooth, grid.steps)
@@ -753,6 +789,49 @@ def _finer_levels(
     return nodes, grid
 
 
+def _context_pair(inputs: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Daily image on the grid of ``size`` (inside the context border), planning image and labels with it."""
+    border = (inputs.shape[2] - size[0]) // 2
+    inner = (slice(None), slice(None), *(slice(border, border + n) for n in size))
+    return inputs[:, 0:1][inner], inputs[:, 1:2], inputs[:, 2:3]
+
+
+def refine_context(
+    inputs: torch.Tensor,
+    init: torch.Tensor,
+    settings: RefineSettings,
+    *,
+    seg_logits: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, RefineReport]:
+    """:func:`refine_ddf` on the network's input: the pipeline's and the bundle's refinement.
+
+    Args:
+        inputs: network input (1, 3, *(S + 2b)): daily CT, planning CT, planning labels; ``b`` >= 0 is the context
+            border around the grid of ``init``.
+        init: the network's DDF (1, 3, *S); with ``settings.init == "zero"`` only its shape is read.
+        settings: budget and losses.
+        seg_logits: segmentation logits (1, 5, *S) for structure guidance.
+        moving_mask: 1 where the planning scan has data, on the grid of ``inputs``; ``None``: everywhere.
+    """
+    fixed, moving, labels = _context_pair(inputs, init.shape[2:])
+    return refine_ddf(
+        fixed, moving, init, settings, moving_labels=labels, seg_logits=seg_logits, moving_mask=moving_mask
+    )
+
+
+def context_similarity(
+    inputs: torch.Tensor, ddf: torch.Tensor, settings: RefineSettings, moving_mask: torch.Tensor | None = None
+) -> float:
+    """The similarity loss of ``ddf`` (1, 3, *S) on the network's input at the finest level, as
+    :attr:`RefineReport.similarity_before` measures the network's DDF (for a refinement that did not start from it)."""
+    fixed, moving, _ = _context_pair(inputs, ddf.shape[2:])
+    _, border = _pair_shape(fixed, moving, ddf)
+    pair = _PaddedPair.of(fixed, moving, ddf.detach().float(), border, settings, None, None, moving_mask)
+    with torch.no_grad():
+        return float(_similarity(pair.level(1, pair.init, settings, guided=False), pair.init, settings))
+
+
 def refine_prediction(
     inputs: torch.Tensor, pred: torch.Tensor, settings: RefineSettings, moving_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, RefineReport]:
@@ -765,17 +844,5 @@ def refine_prediction(
         settings: budget and losses.
         moving_mask: 1 where the planning scan has data, on the grid of ``inputs``; ``None``: everywhere.
     """
-    size = pred.shape[2:]
-    border = (inputs.shape[2] - size[0]) // 2
-    inner = (slice(None), slice(None), *(slice(border, border + n) for n in size))
-    fixed = inputs[:, 0:1][inner]
-    ddf, report = refine_ddf(
-        fixed,
-        inputs[:, 1:2],
-        pred[:, :3],
-        settings,
-        moving_labels=inputs[:, 2:3],
-        seg_logits=pred[:, 3:],
-        moving_mask=moving_mask,
-    )
+    ddf, report = refine_context(inputs, pred[:, :3], settings, seg_logits=pred[:, 3:], moving_mask=moving_mask)
     return torch.cat([ddf.to(pred.dtype), pred[:, 3:]], dim=1), report
