@@ -9,6 +9,8 @@ segmentation head) of each model under these refinements of the bundle's ``accur
 * ``off``: the network alone;
 * ``zero``: the bundle's default (from the rigid alignment);
 * ``network``: from the model's own DDF (``init="network"``), the way an adapted field could reach the contours;
+* ``coarse``: from the model's DDF smoothed onto the coarsest control nodes (``init="coarse"``), so that the
+  refinement can move away from the field's local errors;
 * ``guided``: from the rigid alignment, guided by the model's segmentation of rectum and bladder
   (``guidance_weight`` 0.05), the way an adapted segmentation could reach them.
 
@@ -52,6 +54,7 @@ REFINEMENTS: dict[str, dict[str, Any] | None] = {
     "off": None,
     "zero": {},
     "network": {"init": "network"},
+    "coarse": {"init": "coarse"},
     "guided": {"guidance_weight": 0.05, "guidance_structures": ("rectum", "bladder")},
 }
 #: The variant every other one is tested against: the generic model with the bundle's default refinement.

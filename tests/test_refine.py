@@ -152,6 +152,15 @@ def test_zero_budget_returns_the_start(pair: dict[str, torch.Tensor]) -> None:
     assert report.iterations == [0]
 
 
+def test_coarse_start_is_the_networks_field_smoothed_onto_the_control_nodes(pair: dict[str, torch.Tensor]) -> None:
+    start = _smooth_field(0.7)
+    settings = RefineSettings(levels=(2,), control_spacing=(3,), iterations=(0,), init="coarse")
+    ddf, _ = refine_ddf(pair["fixed"], pair["moving"], start, settings)
+    assert _error(ddf, start) < 0.05 * _error(torch.zeros_like(start), start)  # close to the smooth start
+    assert not torch.equal(ddf, start)  # but a residual on the nodes, not the field itself
+    assert settings.needs_network
+
+
 def test_refine_prediction_changes_only_the_ddf(pair: dict[str, torch.Tensor]) -> None:
     labels = torch.zeros_like(pair["moving"])
     inputs = torch.cat([F.pad(pair["fixed"], [BORDER] * 6, mode="replicate"), pair["moving"], labels], dim=1)

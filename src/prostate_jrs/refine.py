@@ -2,8 +2,9 @@
 
 A short optimisation of the same kind of losses the network was trained on finishes the registration, as the leading
 learned registration methods do (ConvexAdam, uniGradICON with instance optimisation). It starts from the rigid
-alignment (``init="zero"``, the default), from the network's DDF (``"network"``), or from whichever of both has the
-lower loss after the coarsest level (``"auto"``). The default is measured: on the real pelvic CT the phantom-trained
+alignment (``init="zero"``, the default), from the network's DDF (``"network"``), from whichever of both has the
+lower loss after the coarsest level (``"auto"``), or from the network's DDF smoothed onto the control nodes
+(``"coarse"``). The default is measured: on the real pelvic CT the phantom-trained
 demo network's field is a worse start than none (crop error 1.18 mm with the auto start, which took the network's
 field, against 0.74 mm from zero; ``benchmarks/real_anatomy.py``), while the segmentation path still comes from the
 network. Design:
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 SIMILARITIES = ("lncc", "mind", "ssd")
-INITS = ("network", "zero", "auto")
+INITS = ("network", "zero", "auto", "coarse")
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,11 @@ class RefineSettings:
         guidance_weight: weight of the structure-guidance Dice term (0: off).
         guidance_structures: structures whose segmentation-path prediction guides the field.
         smoothing_passes: 3x3x3 box filters applied to the residual at every step.
-        init: ``"network"`` (start from the network's DDF), ``"zero"``, or ``"auto"``: the coarsest level runs from
-            both and the start with the lower loss goes on (the network's field can be a worse start than none on
-            anatomy unlike its training data).
+        init: ``"network"`` (start from the network's DDF), ``"zero"``, ``"auto"`` (the coarsest level runs from
+            both and the start with the lower loss goes on: the network's field can be a worse start than none on
+            anatomy unlike its training data) or ``"coarse"`` (the network's DDF averaged over the coarsest control
+            spacing and put on its nodes, so the refinement may move away from it everywhere; on the adaptation
+            phantoms it ends where ``"zero"`` does, ``benchmarks/adaptation_paths.py``).
         patience: iterations without relative improvement by ``tolerance`` before a level stops.
         tolerance: relative improvement that counts.
         window: intensity range (network input units, HU / 1000) the images are clipped to before the similarity;
@@ -737,30 +740,37 @@ class _PaddedPair:
 def _coarsest_level(
     pair: _PaddedPair, settings: RefineSettings, stride: int
 ) -> tuple[torch.Tensor, torch.Tensor, _ControlGrid, list[int]]:
-    """Optimise the coarsest level from each start ``settings.init`` names (zero, the network's DDF or both); the
-    start with the lower loss goes on. Returns that start, its control nodes and grid, and the steps of every run."""
-    starts = [pair.init] if settings.init == "network" else [torch.zeros_like(pair.init)]
-    if settings.init == "auto":
-        starts.append(pair.init)
+    """Optimise the coarsest level from each start ``settings.init`` names (zero, the network's DDF, both, or the
+    network's DDF smoothed onto the control nodes); the start with the lower loss goes on. Returns that start, its
+    control nodes and grid, and the steps of every run."""
+    grid = _ControlGrid(pair.size, settings.control_spacing[0])
+    zero_ddf, zero_nodes = torch.zeros_like(pair.init), torch.zeros((1, 3, *grid.shape), device=pair.device)
+    starts = {
+        "network": [(pair.init, zero_nodes)],
+        "zero": [(zero_ddf, zero_nodes)],
+        "auto": [(zero_ddf, zero_nodes), (pair.init, zero_nodes)],
+        "coarse": [(zero_ddf, _field_on_nodes(pair.init, grid))],
+    }[settings.init]
     steps: list[int] = []
-    best: tuple[float, torch.Tensor, torch.Tensor, _ControlGrid] | None = None
-    for start_ddf in starts:
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for start_ddf, start_nodes in starts:
         level = pair.level(settings.levels[0], start_ddf, settings)
-        grid = _ControlGrid(pair.size, settings.control_spacing[0])
-        nodes, run, loss = _optimise_level(
-            level,
-            grid,
-            torch.zeros((1, 3, *grid.shape), device=pair.device),
-            settings,
-            settings.iterations[0],
-            stride,
-        )
+        nodes, run, loss = _optimise_level(level, grid, start_nodes, settings, settings.iterations[0], stride)
         steps.append(run)
         if best is None or loss < best[0]:
-            best = (loss, start_ddf, nodes, grid)
+            best = (loss, start_ddf, nodes)
     assert best is not None
-    _, start_ddf, nodes, grid = best
+    _, start_ddf, nodes = best
     return start_ddf, nodes, grid, steps
+
+
+def _field_on_nodes(ddf: torch.Tensor, grid: _ControlGrid) -> torch.Tensor:
+    """A (1, 3, *S) field (model voxels) averaged over boxes of the node spacing and sampled at the control nodes:
+    its smooth part, as a residual the refinement can move away from everywhere."""
+    width = grid.spacing + 1 - grid.spacing % 2  # odd
+    kernel = torch.full((width,), 1.0 / width, dtype=ddf.dtype, device=ddf.device)
+    smooth = separable_filtering(ddf, [kernel] * 3, mode="replicate")
+    return F.interpolate(smooth, size=grid.shape, mode="trilinear", align_corners=True)
 
 
 def _finer_levels(
