@@ -24,7 +24,10 @@ variant before repeat r + 1 of any, so that the load of a shared machine falls o
   refinement;
 * ``no-refine``: the bundle's defaults (``backend`` auto: OpenVINO on the CPU; tiles fitted to the crop) without the
   refinement;
-* ``default``: the bundle as shipped, refinement included (its mode and iteration budget are in the table);
+* ``default``: the bundle as shipped, refinement included (its mode and iteration budget are in the table); on a CPU
+  the refinement runs beside the network, each on one thread (:mod:`prostate_jrs.pipeline`);
+* ``refine-after``: ``default`` with the refinement after the network, on all the threads (``cpu_threads`` null): the
+  baseline of running both at once;
 * on CUDA also ``amp``: ``no-refine`` with autocast.
 
 The bundle's network is exported to ONNX once, in a child before the fractions (``export`` in the JSON), as a deployed
@@ -136,6 +139,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "torch-eager": {"backend": "torch", "infer_max_tile_voxels": None, "tile_batch_size": 2, "refine#mode": "off"},
     "no-refine": {"refine#mode": "off"},
     "default": {},
+    "refine-after": {"refine#settings#cpu_threads": None},
     "amp": {"amp": True, "refine#mode": "off"},
 }
 BASELINE = "torch-eager"
@@ -706,7 +710,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="fractions per size, device and variant (median)")
     parser.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=None,
-        help="bundle variants (default: torch-eager no-refine default, plus amp on CUDA)",
+        help="bundle variants (default: torch-eager no-refine default refine-after, plus amp on CUDA)",
     )  # fmt: skip
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle", help="bundle folder (default: bundle)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed", help="result folder")
