@@ -669,10 +669,12 @@ def _network_beside_refinement(
             with torch.inference_mode():
                 pred = inferer(context_tensor, network)
             clock.lap("network")
+            # what the report says of the network's field, measured while the refinement is still running
+            network_similarity = context_similarity(context_tensor, pred[:, :3], settings.refine)
             ddf, refined = refining.result()
     finally:
         torch.set_num_threads(threads)
-    refined.similarity_before = context_similarity(context_tensor, pred[:, :3], settings.refine)
+    refined.similarity_before = network_similarity
     report = {**refined.as_dict(), "beside_network": True}
     return torch.cat([ddf.to(pred.dtype), pred[:, 3:]], dim=1), report
 
