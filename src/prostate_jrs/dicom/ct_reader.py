@@ -435,11 +435,9 @@ def _integer_hu(slices: list[np.ndarray], slopes: list[float], intercepts: list[
     done in int32 one slice at a time, it is several times faster than converting the whole stack to float32 and back.
     """
     ends = [
-        int(stored.min()) * int(slope) + int(intercept)
+        int(value) * int(slope) + int(intercept)
         for stored, slope, intercept in zip(slices, slopes, intercepts, strict=True)
-    ] + [
-        int(stored.max()) * int(slope) + int(intercept)
-        for stored, slope, intercept in zip(slices, slopes, intercepts, strict=True)
+        for value in (stored.min(), stored.max())
     ]
     if min(ends) < np.iinfo(np.int16).min or max(ends) > np.iinfo(np.int16).max:
         return None
