@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prostate_jrs import refine as refine_module
 from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.metrics import jacobian_determinant
 from prostate_jrs.nets.warp import labels_to_onehot, warp_patch
@@ -295,6 +296,28 @@ def test_cpu_threads_are_set_for_the_optimisation_and_restored(
         assert seen == [1 if cpu_threads == 1 else 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_seconds_are_the_optimising_threads(pair: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One torch thread: the calling thread's CPU time (another thread's work, e.g. the network beside the refinement,
+    is not the refinement's); more: the process's (torch's workers are)."""
+    clocks = {"thread": iter(range(0, 100, 3)), "process": iter(range(0, 1000, 70))}
+    monkeypatch.setattr(refine_module.time, "thread_time", lambda: float(next(clocks["thread"])))
+    monkeypatch.setattr(refine_module.time, "process_time", lambda: float(next(clocks["process"])))
+    budget = replace(SETTINGS, iterations=(2, 2))
+    _, report = refine_ddf(
+        pair["fixed"], pair["moving"], torch.zeros_like(pair["truth"]), replace(budget, cpu_threads=1)
+    )
+    assert report.cpu_seconds == 3.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, report = refine_ddf(
+            pair["fixed"], pair["moving"], torch.zeros_like(pair["truth"]), replace(budget, cpu_threads=None)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert report.cpu_seconds == 70.0
 
 
 def test_cpu_threads_must_be_positive() -> None:

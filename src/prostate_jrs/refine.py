@@ -232,7 +232,7 @@ class RefineReport:
             the coarsest level comes twice, from zero and from the network.
         seconds: wall time.
         device: where it ran.
-        cpu_seconds: CPU time of the process (all its threads) meanwhile: on a shared machine a steadier cost than
+        cpu_seconds: CPU time of the optimisation (:func:`_cpu_clock`): on a shared machine a steadier cost than
             wall time.
     """
 
@@ -643,7 +643,7 @@ def _refine(
     moving_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, RefineReport]:
     """:func:`refine_ddf` on the threads it set."""
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu = time.perf_counter(), _cpu_clock()
     size, border = _pair_shape(fixed, moving, init)
     strides = settings.sampling_stride or (1,) * len(settings.levels)
     pair = _PaddedPair.of(
@@ -662,9 +662,16 @@ def _refine(
             after = float(_similarity(finest, ddf, settings))
     ddf = ddf[:, :, : size[0], : size[1], : size[2]]
     report = RefineReport(
-        settings, before, after, steps, time.perf_counter() - start, str(pair.device), time.process_time() - start_cpu
+        settings, before, after, steps, time.perf_counter() - start, str(pair.device), _cpu_clock() - start_cpu
     )
     return ddf.detach(), report
+
+
+def _cpu_clock() -> float:
+    """CPU seconds of the optimisation's threads so far: the calling thread's when torch runs on one thread (the
+    pipeline's network beside it, on another thread, is then not counted), else the whole process's (torch's
+    worker threads are the optimisation's)."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
 
 def _pair_shape(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor) -> tuple[tuple[int, ...], int]:
