@@ -139,3 +139,17 @@ def test_same_seed_same_result(patient: Patient) -> None:
     np.testing.assert_array_equal(first.matrix, second.matrix)
     with pytest.raises(ValueError, match="seed must be positive"):
         align_on_bone(daily.image, patient.planning.image, seed=0)
+
+
+def test_an_integer_ct_is_block_averaged_before_it_is_cast() -> None:
+    from prostate_jrs.rigid import _working_image
+
+    hu = np.random.default_rng(3).integers(-1024, 2000, size=(6, 8, 10)).astype(np.int16)  # (K, J, I)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    work = _working_image(image, 2.0)
+    assert work.GetPixelID() == sitk.sitkFloat32 and work.GetSize() == (5, 4, 6)
+    exact = hu.astype(np.float64).reshape(6, 4, 2, 5, 2).mean(axis=(2, 4))
+    assert np.abs(sitk.GetArrayFromImage(work) - exact).max() <= 0.5  # means in whole HU
+    as_float = _working_image(sitk.Cast(image, sitk.sitkFloat32), 2.0)  # a float CT keeps its exact means
+    assert np.allclose(sitk.GetArrayFromImage(as_float), exact, atol=1e-3)
