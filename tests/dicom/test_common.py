@@ -165,3 +165,26 @@ def test_read_dicom_names_a_sequence_written_as_decimal_strings(tmp_path: Path) 
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(DamagedFileError, match=r"\(3006,0039\) ROIContourSequence has VR DS; expected a sequence"):
         read_dicom(path)
+
+
+def test_elements_a_clean_file_converted_are_not_converted_again(tmp_path: Path) -> None:
+    from pydicom.dataelem import RawDataElement
+
+    from prostate_jrs.dicom import files
+
+    files._CLEAN_RAW.clear()
+    first = read_dicom(FIXTURES / "ct_1.dcm")
+    assert len(files._CLEAN_RAW) > 20  # the slice's small elements, with their encoding
+    again = read_dicom(FIXTURES / "ct_1.dcm")  # as the next slice of a series repeats them
+    assert isinstance(again.get_item(0x00080060), RawDataElement)  # Modality: left for pydicom to convert on use
+    assert [(e.tag, e.VR, e.value) for e in again] == [(e.tag, e.VR, e.value) for e in first]
+
+    # a file whose reading warned leaves nothing remembered: its values warn again wherever they are read
+    files._CLEAN_RAW.clear()
+    ds = pydicom.dcmread(FIXTURES / "ct_1.dcm")
+    ds[0x00200013] = RawDataElement(pydicom.tag.Tag(0x00200013), "IS", 4, b"1.5 ", 0, False, True)  # InstanceNumber
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd, enforce_file_format=True)
+    with pytest.warns(UserWarning, match="1.5"):
+        read_dicom(odd)
+    assert not files._CLEAN_RAW

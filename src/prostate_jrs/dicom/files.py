@@ -126,17 +126,53 @@ def _valid_decimal_strings(element: RawDataElement) -> bool:
     )
 
 
-def _structure_problem(ds: Dataset) -> str | None:
+# Raw elements, with the encoding they were read in, that a complete file read without warnings converted cleanly.
+# The slices of a series repeat most of their ~100 elements byte for byte: converting each distinct one once made the
+# check of a 512 x 512 CT pair about 0.2 s cheaper. Values converted again are the same bytes in the same encoding.
+_CLEAN_RAW: set[tuple[object, ...]] = set()
+_CLEAN_RAW_LIMIT = 200_000
+_CLEAN_RAW_MAX_BYTES = 256
+
+
+def _clean_key(raw: RawDataElement, ds: Dataset) -> tuple[object, ...] | None:
+    """What makes converting ``raw`` (a top-level element of ``ds``) repeatable: tag, VR, bytes, encoding and
+    character set; ``None`` for sequences, private or long values, which are converted every time."""
+    value = raw.value
+    if not isinstance(value, bytes) or len(value) > _CLEAN_RAW_MAX_BYTES:
+        return None
+    if (
+        raw.VR == "SQ"
+        or not pydicom.datadict.dictionary_has_tag(raw.tag)
+        or "SQ" in pydicom.datadict.dictionary_VR(raw.tag)
+    ):
+        return None
+    return (raw.tag, raw.VR, value, ds.original_encoding, tuple(ds.original_character_set or ()))
+
+
+def _remember_clean(keys: list[tuple[object, ...]]) -> None:
+    if len(_CLEAN_RAW) + len(keys) > _CLEAN_RAW_LIMIT:
+        _CLEAN_RAW.clear()
+    _CLEAN_RAW.update(keys)
+
+
+def _structure_problem(ds: Dataset, converted: list[tuple[object, ...]] | None = None) -> str | None:
     """Parse every element of ``ds`` (recursively); the first element the dictionary makes a sequence that is none.
 
     A sequence written with another VR (a PACS that lost the VR, a broken writer) parses into a number or bytes; every
     reader would then fail on it in its own way, so it is named here. Valid decimal strings are checked without
-    parsing (:func:`_valid_decimal_strings`); elements are visited in :meth:`Dataset.iterall`'s order.
+    parsing (:func:`_valid_decimal_strings`); elements are visited in :meth:`Dataset.iterall`'s order. With
+    ``converted`` (top level only), elements that converted cleanly in an earlier file are not converted again, and the
+    keys of those converted now are appended to it.
     """
     for tag in sorted(ds.keys()):
         raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and _valid_decimal_strings(raw):
-            continue
+        key = None
+        if isinstance(raw, RawDataElement):
+            if _valid_decimal_strings(raw):
+                continue
+            key = None if converted is None else _clean_key(raw, ds)
+            if key is not None and key in _CLEAN_RAW:
+                continue
         element = ds[tag]
         known = element.VR != "SQ" and pydicom.datadict.dictionary_has_tag(element.tag)
         if known and pydicom.datadict.dictionary_VR(element.tag) == "SQ":
@@ -149,6 +185,8 @@ def _structure_problem(ds: Dataset) -> str | None:
                 problem = _structure_problem(item)
                 if problem:
                     return problem
+        if key is not None and converted is not None:
+            converted.append(key)
     return None
 
 
@@ -191,15 +229,18 @@ def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
             if meta is None or "TransferSyntaxUID" not in meta
             else _short_element(meta) or _short_element(ds)  # before the elements are converted below
         )
+        converted: list[tuple[object, ...]] = []
         if not problem:
             try:  # pydicom converts elements lazily: parse them all now, so that a damaged one fails here, not later
-                problem = _structure_problem(ds)
+                problem = _structure_problem(ds, converted)
             except Exception as err:
                 problem = f"cannot be parsed: {type(err).__name__}: {err}"
     eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
     problem = eof[0] if eof else problem
     if problem:
         raise DamagedFileError(path, problem, ds)
+    if not caught:  # a value that warned is converted (and warns) again in every file
+        _remember_clean(converted)
     for w in caught:  # a complete file: keep pydicom's warnings visible, as without the check
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return ds
