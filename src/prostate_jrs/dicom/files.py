@@ -197,7 +197,8 @@ def read_dicom(path: str | os.PathLike[str], **kwargs: object) -> Dataset:
     the elements after the cut are simply missing, and bytes after a ``DICM`` prefix that are not DICOM at all parse
     into nonsense elements. A CT slice or RTSTRUCT read that way loses pixels, slices or contours without a word, so
     this parses every element (pydicom would otherwise convert them lazily, and fail later, wherever they are first
-    used), checks that no sequence was written with another VR, that every element read is as long as its header
+    used; an element with the same bytes and encoding as one an earlier clean file converted is known to parse),
+    checks that no sequence was written with another VR, that every element read is as long as its header
     declares, that pydicom did not reach the end of the file inside a sequence or an undefined-length value, and that
     the file meta information names a transfer syntax.
     Files cut exactly between two elements pass: callers check that the elements they need are present.
