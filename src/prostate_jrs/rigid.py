@@ -189,7 +189,7 @@ def _working_image(image: sitk.Image, target_mm: float) -> sitk.Image:
     """Block-average ``image`` to voxels of about ``target_mm`` (never finer than the input), as float32.
 
     An integer CT is averaged in its own type (means rounded to whole HU) and cast afterwards: casting the whole CT
-    first cost a fresh float32 copy of it (128 MB at 512 x 512 x 122), most of this step's time in a new process.
+    first made a fresh float32 copy of it (128 MB and about 32 k page faults at 512 x 512 x 122, about 0.04 s).
     """
     factors = [max(1, round(target_mm / s)) for s in image.GetSpacing()]
     if max(factors) > 1:
