@@ -64,6 +64,7 @@ REFINE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fast": ("fast", {}),
     "accurate": ("accurate", {}),
     "fast from the network": ("fast", {"init": "network"}),
+    "accurate from the network's coarse field": ("accurate", {"init": "coarse"}),
 }
 SHIPPED = "cross_stitch (shipped)"
 

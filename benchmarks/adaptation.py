@@ -19,8 +19,8 @@ its load), ``adaptation.json``, ``per_case.csv`` and ``adaptation_msd.png``. The
 Usage::
 
     python benchmarks/adaptation.py [--data D] [--patients 4 --fractions 5 --seed 7014 --spacing 2]
-        [--approved 1 2] [--steps N] [--learning-rate LR] [--[no-]freeze-norm] [--threads 2] [--device cpu]
-        [--bundle bundle]
+        [--institute NAME] [--approved 1 2] [--steps N] [--learning-rate LR] [--[no-]freeze-norm] [--threads 2]
+        [--device cpu] [--bundle bundle]
         [--work W] [--out benchmarks/results/adaptation] [--no-refine] [--tiny]
 
 Patient bundles already under ``--work`` with the same budget are reused, and so are the scores of a model (by the
@@ -75,6 +75,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fractions", type=int, default=5, help="fractions per patient; those after --approved scored")
     parser.add_argument("--seed", type=int, default=7014, help="phantom seed (not 2026, the shipped model's data)")
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size (mm) of the phantom scans")
+    parser.add_argument(
+        "--institute",
+        default=None,
+        help="hospital profile of the phantom patients (synth --institute; default: the recipe's, as in training)",
+    )
     parser.add_argument("--approved", type=int, nargs="+", default=[1, 2], help="approved fractions adapted to")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="adaptation budget (optimizer steps)")
     parser.add_argument("--learning-rate", type=float, default=AdaptSettings().learning_rate)
@@ -105,12 +110,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def ensure_dataset(args: argparse.Namespace) -> Path:
-    """The phantom archive, made by ``prostate-jrs synth ... --dicom archive`` unless it exists."""
+    """The phantom archive, made by ``prostate-jrs synth ... --dicom archive`` unless it exists.
+
+    Raises:
+        SystemExit: if an existing archive was made with another hospital profile than ``--institute``.
+    """
     if (args.data / "dicom" / "archive.json").is_file():
+        made_with = json.loads((args.data / "phantom.json").read_text())["config"]["site"]["name"]
+        if made_with != (args.institute or "default"):
+            sys.exit(f"{args.data} holds {made_with!r} phantoms, not --institute {args.institute or 'default'}")
         return args.data
     exe = shutil.which("prostate-jrs", path=str(Path(sys.executable).parent)) or "prostate-jrs"
     command = [exe, "synth", str(args.data), "--patients", str(args.patients), "--fractions", str(args.fractions)]
     command += ["--seed", str(args.seed), "--dicom", "archive"]
+    command += ["--institute", args.institute] if args.institute else []
     command += ["--preset", "tiny"] if args.tiny else ["--spacing", f"{args.spacing:g}"]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -256,7 +269,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any
     refines = list(dict.fromkeys(r["refine"] for r in rows))
     cases = len({r["case"] for r in rows})
     lines = [
-        f"Later fractions scored: {cases} ({meta['patients']} patients, fractions {meta['scored_fractions']}); "
+        f"Later fractions scored: {cases} ({meta['patients']} patients, fractions {meta['scored_fractions']}"
+        f"{', ' + meta['dataset']['institute'] + ' profile' if meta['dataset']['institute'] else ''}); "
         f"mean (SD) over fractions; final contours on the daily CT's grid.",
         "",
     ]
@@ -356,7 +370,13 @@ def write_report(
         "threads": args.threads,
         "hardware": hardware_info(),
         "load_average": {"start": load, "end": os.getloadavg()[0]},
-        "dataset": {"patients": args.patients, "fractions": args.fractions, "seed": args.seed, "spacing": args.spacing},
+        "dataset": {
+            "patients": args.patients,
+            "fractions": args.fractions,
+            "seed": args.seed,
+            "spacing": args.spacing,
+            "institute": args.institute,
+        },
         "settings": {
             "steps": args.steps,
             "learning_rate": args.learning_rate,

@@ -11,6 +11,8 @@ segmentation head) of each model under these refinements of the bundle's ``accur
 * ``network``: from the model's own DDF (``init="network"``), the way an adapted field could reach the contours;
 * ``coarse``: from the model's DDF smoothed onto the coarsest control nodes (``init="coarse"``), so that the
   refinement can move away from the field's local errors;
+* ``auto``: the coarsest level from the rigid alignment and from the model's DDF, the lower loss kept
+  (``init="auto"``);
 * ``guided``: from the rigid alignment, guided by the model's segmentation of rectum and bladder
   (``guidance_weight`` 0.05), the way an adapted segmentation could reach them.
 
@@ -20,7 +22,7 @@ read back to resume) into ``--out``.
 
 Usage::
 
-    python benchmarks/adaptation_paths.py [--data D --work W] [--approved 1 2] [--fractions 5]
+    python benchmarks/adaptation_paths.py [--data D --work W] [--institute NAME] [--approved 1 2] [--fractions 5]
         [--threads 2] [--out benchmarks/results/adaptation_paths] [--tiny]
 """
 
@@ -55,6 +57,7 @@ REFINEMENTS: dict[str, dict[str, Any] | None] = {
     "zero": {},
     "network": {"init": "network"},
     "coarse": {"init": "coarse"},
+    "auto": {"init": "auto"},
     "guided": {"guidance_weight": 0.05, "guidance_structures": ("rectum", "bladder")},
 }
 #: The variant every other one is tested against: the generic model with the bundle's default refinement.
@@ -72,6 +75,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fractions", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7014)
     parser.add_argument("--spacing", type=float, default=2.0)
+    parser.add_argument(
+        "--institute", default=None, help="hospital profile of the phantom patients (synth --institute)"
+    )
     parser.add_argument("--approved", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=300, help="adaptation budget of bundles made here")
     parser.add_argument("--learning-rate", type=float, default=AdaptSettings().learning_rate)

@@ -49,14 +49,16 @@ from prostate_jrs.tiny_bundle import TINY_REFINE, write_tiny_bundle
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FIXTURE = REPO.parent / "shared" / "fixtures" / "real" / "pelvis_ct" / "pelvis_ct_3mm.nii.gz"
 NETWORK_ONLY = "network only"
-#: pipeline variants: the shipped network alone, each refinement mode (default start: the rigid alignment), and the
-#: fast mode started from the network's DDF or from the better of both
+#: pipeline variants: the shipped network alone, each refinement mode (default start: the rigid alignment), the fast
+#: mode started from the network's DDF or from the better of both, and the accurate mode from the network's DDF
+#: smoothed onto the coarsest control nodes
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     NETWORK_ONLY: ("off", {}),
     "refine fast": ("fast", {}),
     "refine accurate": ("accurate", {}),
     "refine fast from the network's DDF": ("fast", {"init": "network"}),
     "refine fast, auto start": ("fast", {"init": "auto"}),
+    "refine accurate from the network's DDF on the coarsest nodes": ("accurate", {"init": "coarse"}),
 }
 METHODS = ("rigid only", *VARIANTS, "elastix")
 

@@ -108,6 +108,36 @@ def test_synth_sites_writes_one_dataset_per_site(tmp_path: Path, capsys: pytest.
     assert "site-1=institute-a" in printed and "site-2=institute-b" in printed
 
 
+def test_synth_institute_gives_every_patient_that_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["synth", "", "--patients", "1", "--fractions", "1", "--seed", "0", "--preset", "tiny"]
+    for name in ("plain", "institute-b"):
+        argv[1] = str(tmp_path / name)
+        assert main(argv + (["--institute", name] if name != "plain" else [])) == 0
+    site = json.loads((tmp_path / "institute-b" / "phantom.json").read_text())["config"]["site"]
+    assert site["name"] == "institute-b" and site["hu_offset"] == 20.0
+    sizes = [
+        sitk.ReadImage(str(tmp_path / n / "JRS001_planning_ct.nii.gz")).GetSize() for n in ("plain", "institute-b")
+    ]
+    assert sizes[1][0] < sizes[0][0]  # institute-b reconstructs a smaller field of view
+    assert "institute-b profile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--institute", "institute-c"], "expected one of: institute-a, institute-b"),
+        (["--institute", "institute-b", "--sites", "2"], "--sites alternates them"),
+    ],
+)
+def test_synth_institute_errors(
+    tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["synth", str(tmp_path / "D"), "--patients", "1", "--fractions", "1", "--seed", "0", "--preset", "tiny"]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "D").exists()
+
+
 def test_synth_sites_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synth", "OUT", "--patients", "1", "--fractions", "1", "--seed", "0", "--sites", "0"]
     with pytest.raises(SystemExit):

@@ -36,6 +36,7 @@ from prostate_jrs.errors import ProstateJRSError
 if TYPE_CHECKING:
     from prostate_jrs.labels import SynonymTable
     from prostate_jrs.phantom import PhantomConfig
+    from prostate_jrs.phantom.sites import Institute
 
 __all__ = ["build_parser", "main"]
 
@@ -140,6 +141,16 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "field of view, body size, bladder filling)"
         ),
     )
+    parser.add_argument(
+        "--institute",
+        default=None,
+        metavar="NAME",
+        help=(
+            "one hospital's scanner and population profile for every patient: institute-a or institute-b "
+            "(prostate_jrs.phantom.sites; default: the recipe's own ranges), e.g. to test a model on a site unlike "
+            "its training data"
+        ),
+    )
     parser.add_argument("--preview", action="store_true", help="also write <patient>_preview.png")
     parser.add_argument(
         "--dicom",
@@ -179,6 +190,17 @@ def _run_synth_sites(args: argparse.Namespace, config: PhantomConfig) -> int:
     return 0
 
 
+def _institute(name: str) -> Institute:
+    """The hospital profile called ``name`` (``synth --institute``)."""
+    from prostate_jrs.phantom.sites import INSTITUTES
+
+    for institute in INSTITUTES:
+        if institute.name == name:
+            return institute
+    known = ", ".join(institute.name for institute in INSTITUTES)
+    raise ValueError(f"--institute {name!r} is not a known profile; expected one of: {known}")
+
+
 def _run_synth(args: argparse.Namespace) -> int:
     from prostate_jrs.phantom import PhantomConfig, write_dataset
 
@@ -188,10 +210,16 @@ def _run_synth(args: argparse.Namespace) -> int:
             raise ValueError(f"--spacing takes one or three values, got {len(args.spacing)}")
         config = config.with_spacing(args.spacing)
     if args.sites is not None:
+        if args.institute is not None:
+            raise ValueError("--institute picks one profile for every patient; --sites alternates them: give one")
         return _run_synth_sites(args, config)
+    if args.institute is not None:
+        config = _institute(args.institute).apply(config)
     size = "x".join(str(n) for n in config.size)
     spacing = " x ".join(f"{s:g}" for s in config.spacing)
-    print(f"synth: {args.patients} patients x {args.fractions} fractions, grid {size} of {spacing} mm -> {args.out}")
+    profile = f", {args.institute} profile" if args.institute else ""
+    grid = f"grid {size} of {spacing} mm{profile}"
+    print(f"synth: {args.patients} patients x {args.fractions} fractions, {grid} -> {args.out}")
     start = time.perf_counter()
     datalist = write_dataset(
         args.out, args.patients, args.fractions, args.seed, config=config, preview=args.preview,

@@ -51,8 +51,11 @@ def test_markdown_has_every_table(bench: ModuleType) -> None:
         "threads": 2,
         "hardware": {"cpu_model": "CPU", "usable_cores": 2},
         "load_average": {"start": 1.0, "end": 2.0},
+        "dataset": {"institute": "institute-b"},
     }
     text = bench.markdown(rows, tests, meta)
+    assert "fractions 3-5, institute-b profile)" in text
+    assert "fractions 3-5)" in bench.markdown(rows, tests, {**meta, "dataset": {"institute": None}})
     for title in ("**MSD (mm)**", "**DSC**", "**HD95 (mm)**", "**Paired test of MSD", "**Adaptation time**"):
         assert title in text
     assert "| adapted_2 | off | -0.2" in text and "p 0.031 (n=6)" in text
