@@ -13,8 +13,10 @@ fractions (those after the largest ``--approved``, up to ``--fractions``), witho
 Final contours are scored on the daily CT's grid against the phantom's truth (DSC, MSD, HD95 per structure).
 
 Writes to ``--out``: ``adaptation.md`` (mean (SD) per model, refinement and structure; the paired Wilcoxon signed-rank
-test of MSD, adapted vs generic, per structure and on the per-fraction mean; seconds per adaptation; the machine and
-its load), ``adaptation.json``, ``per_case.csv`` and ``adaptation_msd.png``. The Markdown is printed too.
+test of MSD, adapted vs generic, per structure and on the per-fraction mean; the app's QA review flags per model:
+fractions flagged and whether the fractions with a structure beyond the recipe's 1.5 mm MSD limit were among them;
+seconds per adaptation; the machine and its load), ``adaptation.json``, ``per_case.csv`` and ``adaptation_msd.png``.
+The Markdown is printed too.
 
 Usage::
 
@@ -66,6 +68,8 @@ REPO = Path(__file__).resolve().parent.parent
 NAMES = tuple(s.name for s in STRUCTURES)
 SHORT = {"prostate": "prostate", "seminal_vesicles": "SV", "rectum": "rectum", "bladder": "bladder"}
 METRICS = ("dsc", "msd_mm", "hd95_mm")
+#: The recipe's acceptance limit of a structure's mean surface distance (shared/docs/DATA.md 3.4, item 9).
+ACCEPTABLE_MSD_MM = 1.5
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -181,7 +185,8 @@ def evaluate_fraction(
     inputs, rigid = None, None
     rows = []
     for model, bundle in models.items():
-        stored = None if cache is None else cache / f"{folder.name}_{_model_id(bundle)[:16]}_{int(refine)}.json"
+        # "_qa": rows carry the app's review flag; caches written before it are not read
+        stored = None if cache is None else cache / f"{folder.name}_{_model_id(bundle)[:16]}_{int(refine)}_qa.json"
         if stored is not None and stored.is_file():
             rows += [{**row, "model": model} for row in json.loads(stored.read_text())]
             continue
@@ -201,7 +206,9 @@ def evaluate_fraction(
             )
             seconds = time.perf_counter() - start
             for structure, values in score(result.labels, truth).items():
-                mine.append({"model": model, "refine": label, "structure": structure, **values, "seconds": seconds})
+                flagged = any(flag.startswith(f"{structure}:") for flag in result.qa["flags"])
+                row = {"model": model, "refine": label, "structure": structure, **values, "flagged": flagged}
+                mine.append({**row, "seconds": seconds})
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
             stored.write_text(json.dumps(mine))
@@ -292,6 +299,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any
         cells = [test["structures"][n] for n in NAMES] + [test["mean_over_structures"]]
         text = [f"{c['mean_difference_mm']:+.2f}, p {_p(c['p_value'])} (n={c['n']})" for c in cells]
         lines.append(f"| {test['model']} | {test['refine']} | " + " | ".join(text) + " |")
+    lines += ["", *review_table(rows)]
     lines += ["", "**Adaptation time** (`prostate-jrs adapt`: read DICOM, align, fine-tune, write the bundle)", ""]
     lines += ["| approved fractions | adaptations | steps | device | threads | seconds, total | seconds, training |"]
     lines += ["|---|---|---|---|---|---|---|"]
@@ -308,6 +316,36 @@ def markdown(rows: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any
         f"{load['end']:.1f} at the end (other sessions share the machine).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def review_table(rows: Sequence[Mapping[str, Any]], limit_mm: float = ACCEPTABLE_MSD_MM) -> list[str]:
+    """Lines of the table of the app's review flags (``qa.json`` ``flags`` naming a structure) per model and refinement:
+    fractions flagged, flags per structure, and how many of the fractions with a structure's MSD above ``limit_mm``
+    were flagged."""
+    lines = [
+        f"**Review flags of the app's QA** (fractions with a flag naming a structure; fractions where some structure's "
+        f"MSD exceeds {limit_mm:g} mm, and how many of those are flagged)",
+        "",
+        "| model | refine | fractions flagged | "
+        + " | ".join(f"{SHORT[n]} flags" for n in NAMES)
+        + f" | MSD > {limit_mm:g} mm | of those flagged |",
+        "|---|---|---|" + "---|" * len(NAMES) + "---|---|",
+    ]
+    for refine in dict.fromkeys(r["refine"] for r in rows):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["refine"] == refine and "flagged" in r]
+            if not mine:
+                continue
+            cases = sorted({r["case"] for r in mine})
+            flagged = {r["case"] for r in mine if r["flagged"]}
+            wrong = {r["case"] for r in mine if r["msd_mm"] > limit_mm}
+            per_structure = [str(sum(r["flagged"] for r in mine if r["structure"] == n)) for n in NAMES]
+            lines.append(
+                f"| {model} | {refine} | {len(flagged)} / {len(cases)} | "
+                + " | ".join(per_structure)
+                + f" | {len(wrong)} | {len(wrong & flagged)} |"
+            )
+    return lines
 
 
 def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -345,7 +383,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "seconds"]
+    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "flagged", "seconds"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

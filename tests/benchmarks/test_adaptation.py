@@ -60,3 +60,18 @@ def test_markdown_has_every_table(bench: ModuleType) -> None:
         assert title in text
     assert "| adapted_2 | off | -0.2" in text and "p 0.031 (n=6)" in text
     assert "| 2 | 2 | 20 | cpu | 2 | 110 (14) | 85 (7) |" in text
+    assert "**Review flags of the app's QA**" in text
+
+
+def test_review_table_counts_flagged_fractions_and_caught_errors(bench: ModuleType) -> None:
+    rows = []
+    for case, (msd, flagged) in enumerate(((0.5, False), (2.0, True), (2.5, False), (0.6, True))):
+        for structure in bench.NAMES:
+            first = structure == bench.NAMES[0]
+            values = {"msd_mm": msd if first else 0.5, "flagged": flagged and first}
+            rows.append({"case": f"P_f{case}", "model": "generic", "refine": "off", "structure": structure, **values})
+    older = {key: value for key, value in rows[0].items() if key != "flagged"}
+    rows.append({**older, "model": "older_rows"})  # rows scored before the flag was recorded: no line
+    lines = bench.review_table(rows)
+    assert lines[-1] == "| generic | off | 2 / 4 | 2 | 0 | 0 | 0 | 2 | 1 |"
+    assert not any("older_rows" in line for line in lines)
