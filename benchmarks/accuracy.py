@@ -65,6 +65,7 @@ REFINE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "accurate": ("accurate", {}),
     "fast from the network": ("fast", {"init": "network"}),
     "accurate from the network's coarse field": ("accurate", {"init": "coarse"}),
+    "accurate, coarsest nodes 16 voxels apart": ("accurate", {"control_spacing": (16, 4, 4)}),
 }
 SHIPPED = "cross_stitch (shipped)"
 

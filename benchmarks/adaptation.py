@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import structure_metrics
 from prostate_jrs.phantom.handover import fraction_folders
 from prostate_jrs.pipeline import load_bundle, run_pipeline
+from prostate_jrs.refine import REFINE_MODES
 from prostate_jrs.rigid import RigidAlignment, align_on_bone
 from prostate_jrs.timing import hardware_info
 from prostate_jrs.tiny_bundle import TINY_TRAINING, write_tiny_bundle
@@ -176,6 +178,15 @@ def _model_id(bundle: Path) -> str:
     return str(metadata.get(MODEL_HASH_KEY) or sha256_file(bundle / MODEL_FILE))
 
 
+def _pipeline_id(bundle: Path) -> str:
+    """A digest of what the pipeline runs besides the weights: the bundle's inference config and the library's
+    refinement modes (a cached score is stale when either changes), and the version of the rows (with QA flags)."""
+    digest = hashlib.sha256(b"rows with QA flags")
+    digest.update((bundle / "configs" / "inference.json").read_bytes())
+    digest.update(repr(REFINE_MODES).encode())
+    return digest.hexdigest()[:12]
+
+
 def evaluate_fraction(
     folder: Path, truth: Path, models: Mapping[str, Path], refine: bool, device: str, cache: Path | None = None
 ) -> list[dict[str, Any]]:
@@ -185,8 +196,8 @@ def evaluate_fraction(
     inputs, rigid = None, None
     rows = []
     for model, bundle in models.items():
-        # "_qa": rows carry the app's review flag; caches written before it are not read
-        stored = None if cache is None else cache / f"{folder.name}_{_model_id(bundle)[:16]}_{int(refine)}_qa.json"
+        key = f"{folder.name}_{_model_id(bundle)[:16]}_{_pipeline_id(bundle)}_{int(refine)}"
+        stored = None if cache is None else cache / f"{key}.json"
         if stored is not None and stored.is_file():
             rows += [{**row, "model": model} for row in json.loads(stored.read_text())]
             continue

@@ -13,6 +13,8 @@ segmentation head) of each model under these refinements of the bundle's ``accur
   refinement can move away from the field's local errors;
 * ``auto``: the coarsest level from the rigid alignment and from the model's DDF, the lower loss kept
   (``init="auto"``);
+* ``nodes16``: the default start, the coarsest level's control nodes 16 model voxels apart instead of 8 (a wider
+  capture range that reads nothing the network makes);
 * ``guided``: from the rigid alignment, guided by the model's segmentation of rectum and bladder
   (``guidance_weight`` 0.05), the way an adapted segmentation could reach them.
 
@@ -58,6 +60,7 @@ REFINEMENTS: dict[str, dict[str, Any] | None] = {
     "network": {"init": "network"},
     "coarse": {"init": "coarse"},
     "auto": {"init": "auto"},
+    "nodes16": {"control_spacing": (16, 4, 4)},
     "guided": {"guidance_weight": 0.05, "guidance_structures": ("rectum", "bladder")},
 }
 #: The variant every other one is tested against: the generic model with the bundle's default refinement.
@@ -89,11 +92,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def reads_network(refinement: str) -> bool:
+    """Whether the final contours of ``refinement`` depend on the network: no refinement, or one started from or
+    guided by the network's output."""
+    overrides = REFINEMENTS[refinement]
+    if overrides is None:
+        return True
+    return overrides.get("init", "zero") != "zero" or overrides.get("guidance_weight", 0) > 0
+
+
 def variants(approved: Sequence[int]) -> list[tuple[str, str]]:
-    """``(model, refinement)`` pairs: every refinement for the generic model, all but the default for adapted ones
-    (with it they equal the generic model's by construction)."""
+    """``(model, refinement)`` pairs: every refinement for the generic model; for adapted ones only those that read the
+    network (the others equal the generic model's by construction)."""
     models = ["generic", *(f"adapted_{n}" for n in approved)]
-    return [(m, r) for m in models for r in REFINEMENTS if m == "generic" or r != "zero"]
+    return [(m, r) for m in models for r in REFINEMENTS if m == "generic" or reads_network(r)]
 
 
 def score_variant(

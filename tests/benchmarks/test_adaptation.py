@@ -75,3 +75,13 @@ def test_review_table_counts_flagged_fractions_and_caught_errors(bench: ModuleTy
     lines = bench.review_table(rows)
     assert lines[-1] == "| generic | off | 2 / 4 | 2 | 0 | 0 | 0 | 2 | 1 |"
     assert not any("older_rows" in line for line in lines)
+
+
+def test_cached_scores_are_keyed_by_what_the_pipeline_runs(bench: ModuleType, tmp_path: Path) -> None:
+    config = tmp_path / "configs" / "inference.json"
+    config.parent.mkdir()
+    config.write_text('{"refine": {"mode": "accurate"}}')
+    first = bench._pipeline_id(tmp_path)
+    assert bench._pipeline_id(tmp_path) == first
+    config.write_text('{"refine": {"mode": "fast"}}')
+    assert bench._pipeline_id(tmp_path) != first

@@ -34,10 +34,13 @@ def _rows(bench: ModuleType) -> list[dict]:
     return rows
 
 
-def test_variants_leave_out_the_adapted_default(bench: ModuleType) -> None:
+def test_variants_leave_out_adapted_runs_that_do_not_read_the_network(bench: ModuleType) -> None:
     pairs = bench.variants([1, 2])
     assert ("generic", "zero") in pairs and ("adapted_1", "zero") not in pairs
-    assert len(pairs) == len(bench.REFINEMENTS) + 2 * (len(bench.REFINEMENTS) - 1)
+    assert ("generic", "nodes16") in pairs and ("adapted_2", "nodes16") not in pairs
+    assert ("adapted_1", "off") in pairs and ("adapted_1", "coarse") in pairs and ("adapted_2", "guided") in pairs
+    readers = [r for r in bench.REFINEMENTS if bench.reads_network(r)]
+    assert len(pairs) == len(bench.REFINEMENTS) + 2 * len(readers)
 
 
 def test_paired_against_the_generic_default(bench: ModuleType) -> None:
