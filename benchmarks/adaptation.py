@@ -58,6 +58,7 @@ from prostate_jrs.dicom_session import check_bundle_for_session, load_session
 from prostate_jrs.geometry import array_from_image
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import structure_metrics
+from prostate_jrs.phantom import PhantomConfig
 from prostate_jrs.phantom.handover import fraction_folders
 from prostate_jrs.pipeline import load_bundle, run_pipeline
 from prostate_jrs.refine import REFINE_MODES
@@ -123,8 +124,9 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     """
     if (args.data / "dicom" / "archive.json").is_file():
         made_with = json.loads((args.data / "phantom.json").read_text())["config"]["site"]["name"]
-        if made_with != (args.institute or "default"):
-            sys.exit(f"{args.data} holds {made_with!r} phantoms, not --institute {args.institute or 'default'}")
+        wanted = args.institute or PhantomConfig().site.name
+        if made_with != wanted:
+            sys.exit(f"{args.data} holds {made_with!r} phantoms, not {wanted!r} ones (--institute)")
         return args.data
     exe = shutil.which("prostate-jrs", path=str(Path(sys.executable).parent)) or "prostate-jrs"
     command = [exe, "synth", str(args.data), "--patients", str(args.patients), "--fractions", str(args.fractions)]

@@ -51,6 +51,7 @@ from prostate_jrs.adaptation.finetune import AdaptSettings
 from prostate_jrs.dicom_session import load_session
 from prostate_jrs.phantom.handover import fraction_folders
 from prostate_jrs.pipeline import PipelineSettings, load_bundle, run_pipeline
+from prostate_jrs.refine import refine_settings
 from prostate_jrs.rigid import RigidAlignment, align_on_bone
 
 #: Refinements of the bundle's mode: overrides of its settings (``None``: refinement off).
@@ -93,12 +94,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def reads_network(refinement: str) -> bool:
-    """Whether the final contours of ``refinement`` depend on the network: no refinement, or one started from or
-    guided by the network's output."""
-    overrides = REFINEMENTS[refinement]
-    if overrides is None:
-        return True
-    return overrides.get("init", "zero") != "zero" or overrides.get("guidance_weight", 0) > 0
+    """Whether the final contours of ``refinement`` depend on the network: no refinement, or one whose settings
+    (overrides of the ``accurate`` mode) read its output (:attr:`RefineSettings.needs_network`)."""
+    settings = refine_settings("accurate", REFINEMENTS[refinement]) if REFINEMENTS[refinement] is not None else None
+    return settings is None or settings.needs_network
 
 
 def variants(approved: Sequence[int]) -> list[tuple[str, str]]:
