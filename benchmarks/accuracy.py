@@ -65,7 +65,7 @@ REFINE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "accurate": ("accurate", {}),
     "fast from the network": ("fast", {"init": "network"}),
     "accurate from the network's coarse field": ("accurate", {"init": "coarse"}),
-    "accurate, coarsest nodes 16 voxels apart": ("accurate", {"control_spacing": (16, 4, 4)}),
+    "accurate 0.5.1 (nodes 8)": ("accurate", {"control_spacing": (8, 4, 4)}),
 }
 SHIPPED = "cross_stitch (shipped)"
 

@@ -14,8 +14,11 @@ Final contours are scored on the daily CT's grid against the phantom's truth (DS
 
 Writes to ``--out``: ``adaptation.md`` (mean (SD) per model, refinement and structure; the paired Wilcoxon signed-rank
 test of MSD, adapted vs generic, per structure and on the per-fraction mean; the app's QA review flags per model:
-fractions flagged and whether the fractions with a structure beyond the recipe's 1.5 mm MSD limit were among them;
-seconds per adaptation; the machine and its load), ``adaptation.json``, ``per_case.csv`` and ``adaptation_msd.png``.
+fractions flagged, and of the fractions with a structure beyond the recipe's 1.5 mm MSD limit or with a local error
+(HD95 above 5 mm) how many had a flag naming that structure;
+seconds per adaptation; the machine and its load), ``adaptation.json``, ``per_case.csv`` (per fraction, model,
+refinement and structure: the metrics, the QA flag and the QA's agreement of the two paths, ``qa_*``) and
+``adaptation_msd.png``.
 The Markdown is printed too.
 
 Usage::
@@ -60,7 +63,7 @@ from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import structure_metrics
 from prostate_jrs.phantom import PhantomConfig
 from prostate_jrs.phantom.handover import fraction_folders
-from prostate_jrs.pipeline import load_bundle, run_pipeline
+from prostate_jrs.pipeline import PipelineSettings, load_bundle, run_pipeline
 from prostate_jrs.refine import REFINE_MODES
 from prostate_jrs.rigid import RigidAlignment, align_on_bone
 from prostate_jrs.timing import hardware_info
@@ -71,8 +74,12 @@ REPO = Path(__file__).resolve().parent.parent
 NAMES = tuple(s.name for s in STRUCTURES)
 SHORT = {"prostate": "prostate", "seminal_vesicles": "SV", "rectum": "rectum", "bladder": "bladder"}
 METRICS = ("dsc", "msd_mm", "hd95_mm")
+#: The QA report's agreement of the registration and segmentation paths, per structure, kept in every row.
+QA_AGREEMENT = ("dsc_reg_seg", "msd_mm_reg_seg", "hd95_mm_reg_seg")
 #: The recipe's acceptance limit of a structure's mean surface distance (shared/docs/DATA.md 3.4, item 9).
 ACCEPTABLE_MSD_MM = 1.5
+#: A local error worth a reviewer's look: a structure's HD95 beyond a typical 5 mm planning margin.
+LOCAL_ERROR_HD95_MM = 5.0
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -181,11 +188,13 @@ def _model_id(bundle: Path) -> str:
 
 
 def _pipeline_id(bundle: Path) -> str:
-    """A digest of what the pipeline runs besides the weights: the bundle's inference config and the library's
-    refinement modes (a cached score is stale when either changes), and the version of the rows (with QA flags)."""
-    digest = hashlib.sha256(b"rows with QA flags")
+    """A digest of what the pipeline runs besides the weights: the bundle's inference config, the library's
+    refinement modes and pipeline defaults (QA limits; a cached score is stale when any changes), and the version of
+    the rows (with QA flags and the paths' agreement)."""
+    digest = hashlib.sha256(b"rows with QA flags and path agreement")
     digest.update((bundle / "configs" / "inference.json").read_bytes())
     digest.update(repr(REFINE_MODES).encode())
+    digest.update(repr(PipelineSettings()).encode())  # the QA's flag limits among them
     return digest.hexdigest()[:12]
 
 
@@ -220,7 +229,9 @@ def evaluate_fraction(
             seconds = time.perf_counter() - start
             for structure, values in score(result.labels, truth).items():
                 flagged = any(flag.startswith(f"{structure}:") for flag in result.qa["flags"])
+                agreement = {f"qa_{k}": result.qa["structures"][structure][k] for k in QA_AGREEMENT}
                 row = {"model": model, "refine": label, "structure": structure, **values, "flagged": flagged}
+                row.update(agreement)
                 mine.append({**row, "seconds": seconds})
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
@@ -331,18 +342,20 @@ def markdown(rows: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any
     return "\n".join(lines) + "\n"
 
 
-def review_table(rows: Sequence[Mapping[str, Any]], limit_mm: float = ACCEPTABLE_MSD_MM) -> list[str]:
+def review_table(
+    rows: Sequence[Mapping[str, Any]], limit_mm: float = ACCEPTABLE_MSD_MM, local_mm: float = LOCAL_ERROR_HD95_MM
+) -> list[str]:
     """Lines of the table of the app's review flags (``qa.json`` ``flags`` naming a structure) per model and refinement:
-    fractions flagged, flags per structure, and how many of the fractions with a structure's MSD above ``limit_mm``
-    were flagged."""
+    fractions flagged, flags per structure, and of the fractions with a structure's MSD above ``limit_mm`` (or its HD95
+    above ``local_mm``) how many had a flag naming that structure."""
     lines = [
         f"**Review flags of the app's QA** (fractions with a flag naming a structure; fractions where some structure's "
-        f"MSD exceeds {limit_mm:g} mm, and how many of those are flagged)",
+        f"MSD exceeds {limit_mm:g} mm, or its HD95 {local_mm:g} mm, and how many of those have a flag naming it)",
         "",
         "| model | refine | fractions flagged | "
         + " | ".join(f"{SHORT[n]} flags" for n in NAMES)
-        + f" | MSD > {limit_mm:g} mm | of those flagged |",
-        "|---|---|---|" + "---|" * len(NAMES) + "---|---|",
+        + f" | MSD > {limit_mm:g} mm | flagged there | HD95 > {local_mm:g} mm | flagged there |",
+        "|---|---|---|" + "---|" * len(NAMES) + "---|---|---|---|",
     ]
     for refine in dict.fromkeys(r["refine"] for r in rows):
         for model in dict.fromkeys(r["model"] for r in rows):
@@ -351,12 +364,17 @@ def review_table(rows: Sequence[Mapping[str, Any]], limit_mm: float = ACCEPTABLE
                 continue
             cases = sorted({r["case"] for r in mine})
             flagged = {r["case"] for r in mine if r["flagged"]}
-            wrong = {r["case"] for r in mine if r["msd_mm"] > limit_mm}
             per_structure = [str(sum(r["flagged"] for r in mine if r["structure"] == n)) for n in NAMES]
+            counts = []
+            for metric, limit in (("msd_mm", limit_mm), ("hd95_mm", local_mm)):
+                wrong = [r for r in mine if r[metric] > limit]
+                counts += [len({r["case"] for r in wrong}), len({r["case"] for r in wrong if r["flagged"]})]
             lines.append(
                 f"| {model} | {refine} | {len(flagged)} / {len(cases)} | "
                 + " | ".join(per_structure)
-                + f" | {len(wrong)} | {len(wrong & flagged)} |"
+                + " | "
+                + " | ".join(str(c) for c in counts)
+                + " |"
             )
     return lines
 
@@ -396,7 +414,9 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "flagged", "seconds"]
+    qa_columns = [f"qa_{k}" for k in QA_AGREEMENT]
+    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "flagged", *qa_columns]
+    columns.append("seconds")
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

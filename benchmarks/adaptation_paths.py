@@ -13,14 +13,15 @@ segmentation head) of each model under these refinements of the bundle's ``accur
   refinement can move away from the field's local errors;
 * ``auto``: the coarsest level from the rigid alignment and from the model's DDF, the lower loss kept
   (``init="auto"``);
-* ``nodes16``: the default start, the coarsest level's control nodes 16 model voxels apart instead of 8 (a wider
-  capture range that reads nothing the network makes);
+* ``nodes8``: the default start, the coarsest level's control nodes 8 model voxels apart (the 0.5.1 default) instead
+  of 16 (0.5.2);
 * ``guided``: from the rigid alignment, guided by the model's segmentation of rectum and bladder
   (``guidance_weight`` 0.05), the way an adapted segmentation could reach them.
 
 Writes ``paths.md`` (mean MSD per model, refinement and path; the paired Wilcoxon test of the final contours'
 MSD of every variant against the generic model's default) and ``rows.jsonl`` (one line per fraction and variant,
-read back to resume) into ``--out``.
+read back to resume; a row scored with other refinement settings than the library's current ones is neither reused
+nor reported) into ``--out``.
 
 Usage::
 
@@ -61,7 +62,7 @@ REFINEMENTS: dict[str, dict[str, Any] | None] = {
     "network": {"init": "network"},
     "coarse": {"init": "coarse"},
     "auto": {"init": "auto"},
-    "nodes16": {"control_spacing": (16, 4, 4)},
+    "nodes8": {"control_spacing": (8, 4, 4)},
     "guided": {"guidance_weight": 0.05, "guidance_structures": ("rectum", "bladder")},
 }
 #: The variant every other one is tested against: the generic model with the bundle's default refinement.
@@ -98,6 +99,13 @@ def reads_network(refinement: str) -> bool:
     (overrides of the ``accurate`` mode) read its output (:attr:`RefineSettings.needs_network`)."""
     settings = refine_settings("accurate", REFINEMENTS[refinement]) if REFINEMENTS[refinement] is not None else None
     return settings is None or settings.needs_network
+
+
+def settings_id(refinement: str) -> str:
+    """What ``refinement`` runs, resolved against the library's current ``accurate`` mode (rows keyed by it go stale
+    when the bundle's default changes)."""
+    overrides = REFINEMENTS[refinement]
+    return "off" if overrides is None else repr(refine_settings("accurate", overrides))
 
 
 def variants(approved: Sequence[int]) -> list[tuple[str, str]]:
@@ -187,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sink = args.out / "rows.jsonl"
     rows = [json.loads(line) for line in sink.read_text().splitlines()] if sink.is_file() else []
+    rows = [r for r in rows if r.get("settings") == settings_id(r["refine"])]
     done = {(r["case"], r["model"], r["refine"]) for r in rows}
     last = max(args.approved)
     for pid, fractions in sorted(fraction_folders(data, args.work / "sessions").items()):
@@ -207,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for model, refinement in todo:
                 if model not in loaded:  # once per patient, and only when a fraction still needs it
                     loaded[model] = load_bundle(models[model], device="cpu")
-                row = {"case": case, "model": model, "refine": refinement}
+                row = {"case": case, "model": model, "refine": refinement, "settings": settings_id(refinement)}
                 row.update(score_variant(inputs, rigid, loaded[model], refinement, fractions[k].truth))
                 rows.append(row)
                 with sink.open("a") as handle:

@@ -59,7 +59,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "refine fast from the network's DDF": ("fast", {"init": "network"}),
     "refine fast, auto start": ("fast", {"init": "auto"}),
     "refine accurate from the network's DDF on the coarsest nodes": ("accurate", {"init": "coarse"}),
-    "refine accurate, coarsest nodes 16 voxels apart": ("accurate", {"control_spacing": (16, 4, 4)}),
+    "refine accurate, coarsest nodes 8 voxels apart (0.5.1)": ("accurate", {"control_spacing": (8, 4, 4)}),
 }
 METHODS = ("rigid only", *VARIANTS, "elastix")
 

@@ -257,6 +257,8 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
     assert settings.model_spacing == 4.0 and settings.crop_margin_mm == 16.0
     assert settings.patch_size == 56 and settings.output_size == 16
     assert settings.network_name == "cross_stitch" and settings.resolved_contour_source["rectum"] == "seg"
+    assert (settings.disagreement_dsc, settings.disagreement_hd95_mm) == (0.7, 7.0)  # the QA limits of the bundle
+    assert load_bundle(bundle, overrides={"qa_disagreement_hd95_mm": 5})[1].disagreement_hd95_mm == 5.0
     assert not network.training
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(network.state_dict()[name], value)

@@ -48,3 +48,48 @@ def test_volume_change_uses_the_voxel_volume_of_each_grid(daily_extent: int, cha
     assert (bladder["planning_volume_ml"], bladder["volume_ml"], bladder["volume_change_pct"]) == (0.3, 0.0, -100.0)
     assert report["structures"]["rectum"]["volume_change_pct"] is None  # not in the planning contours
     assert "rectum: not in the planning contours" in report["flags"]
+
+
+def _report(reg: np.ndarray, seg: np.ndarray, settings: PipelineSettings) -> dict:
+    grid = _grid(reg.shape, (1.0, 1.0, 1.0))
+    return quality_report(
+        reg=reg,
+        seg=seg,
+        final=reg,
+        daily_grid=grid,
+        planning_labels=reg,
+        planning_grid=grid,
+        model_ddf=np.zeros((3, 8, 8, 8), dtype=np.float32),
+        body_mask=np.ones((8, 8, 8), dtype=bool),
+        rigid=RigidAlignment(np.eye(4), 0.5),
+        contour_source={"prostate": "reg", "seminal_vesicles": "reg", "rectum": "reg", "bladder": "reg"},
+        settings=settings,
+    )
+
+
+def test_a_local_disagreement_that_overlap_hides_is_flagged_by_distance() -> None:
+    # a 20 x 20 x 20 mm prostate on both paths; the registration path also covers a 12 x 12 x 14 mm bulge at one end:
+    # DSC about 0.9 (above 0.70), but a quarter of its surface is up to 14 mm from the other path's
+    seg = np.zeros((48, 48, 48), dtype=np.uint8)
+    seg[10:30, 10:30, 10:30] = 1
+    reg = seg.copy()
+    reg[14:26, 14:26, 30:44] = 1
+    report = _report(reg, seg, PipelineSettings())
+    prostate = report["structures"]["prostate"]
+    assert prostate["dsc_reg_seg"] > 0.85 and prostate["hd95_mm_reg_seg"] > 7.0
+    flags = [f for f in report["flags"] if f.startswith("prostate:")]
+    assert len(flags) == 1 and "HD95" in flags[0] and "> 7.0 mm" in flags[0]
+    # the same fraction under a looser limit, and a clean one under the default: no disagreement flag
+    assert not any(
+        f.startswith("prostate:") for f in _report(reg, seg, PipelineSettings(disagreement_hd95_mm=20.0))["flags"]
+    )
+    assert not any(f.startswith("prostate:") for f in _report(seg, seg, PipelineSettings())["flags"])
+
+
+def test_poor_overlap_is_flagged_once_by_dsc() -> None:
+    seg = np.zeros((48, 48, 48), dtype=np.uint8)
+    seg[10:30, 10:30, 10:30] = 1
+    reg = np.zeros_like(seg)
+    reg[22:42, 10:30, 10:30] = 1  # shifted by 12 mm: DSC 0.4 and HD95 12 mm
+    flags = [f for f in _report(reg, seg, PipelineSettings())["flags"] if f.startswith("prostate:")]
+    assert len(flags) == 1 and "DSC" in flags[0]

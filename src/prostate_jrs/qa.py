@@ -45,6 +45,9 @@ class QALimits(Protocol):
     def disagreement_dsc(self) -> float: ...
 
     @property
+    def disagreement_hd95_mm(self) -> float: ...
+
+    @property
     def folding_limit(self) -> float: ...
 
     @property
@@ -165,17 +168,25 @@ def _structures_report(
             flags.append(f"{name}: not in the planning contours")
         elif volume == 0:
             flags.append(f"{name}: empty on the daily CT (source {contour_source[name]})")
-        if pair.dsc < settings.disagreement_dsc:
-            flags.append(
-                f"{name}: registration and segmentation paths disagree (DSC {pair.dsc:.2f} < "
-                f"{settings.disagreement_dsc:.2f}); review this structure"
-            )
+        why = _disagreement(pair.dsc, pair.hd95_mm, settings)
+        if why:
+            flags.append(f"{name}: registration and segmentation paths disagree ({why}); review this structure")
         if not math.isnan(change_pct) and abs(change_pct) > settings.volume_change_limit_pct:
             flags.append(
                 f"{name}: volume changed by {change_pct:+.0f}% against planning "
                 f"(limit {settings.volume_change_limit_pct:.0f}%)"
             )
     return structures, flags
+
+
+def _disagreement(dsc: float, hd95_mm: float, settings: QALimits) -> str:
+    """Why the two paths disagree on a structure, or ``""``: overlap below the limit, or (a local error that overlap
+    hides, e.g. one end of the prostate off by a centimetre) their 95% Hausdorff distance above the limit."""
+    if dsc < settings.disagreement_dsc:
+        return f"DSC {dsc:.2f} < {settings.disagreement_dsc:.2f}"
+    if hd95_mm > settings.disagreement_hd95_mm:  # NaN (a path without the structure) compares False
+        return f"HD95 {hd95_mm:.1f} mm > {settings.disagreement_hd95_mm:.1f} mm"
+    return ""
 
 
 def _ddf_report(

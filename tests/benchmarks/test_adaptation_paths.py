@@ -37,7 +37,7 @@ def _rows(bench: ModuleType) -> list[dict]:
 def test_variants_leave_out_adapted_runs_that_do_not_read_the_network(bench: ModuleType) -> None:
     pairs = bench.variants([1, 2])
     assert ("generic", "zero") in pairs and ("adapted_1", "zero") not in pairs
-    assert ("generic", "nodes16") in pairs and ("adapted_2", "nodes16") not in pairs
+    assert ("generic", "nodes8") in pairs and ("adapted_2", "nodes8") not in pairs
     assert ("adapted_1", "off") in pairs and ("adapted_1", "coarse") in pairs and ("adapted_2", "guided") in pairs
     readers = [r for r in bench.REFINEMENTS if bench.reads_network(r)]
     assert len(pairs) == len(bench.REFINEMENTS) + 2 * len(readers)
@@ -58,3 +58,15 @@ def test_markdown_has_every_path(bench: ModuleType) -> None:
     assert "| adapted_2 | network | 0.95 | 1.00 | 1.00 | 1.00 |" in text
     assert "| adapted_2 | guided | +0.20, p 0.031 (n=6)" in text
     assert "| generic | zero | +" not in text
+
+
+def test_settings_id_follows_the_library_default(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import prostate_jrs.refine as refine
+
+    before = bench.settings_id("zero")
+    assert bench.settings_id("off") == "off" and before != bench.settings_id("nodes8")
+    changed = dataclasses.replace(refine.REFINE_MODES["accurate"], iterations=(1, 1, 1))
+    monkeypatch.setitem(refine.REFINE_MODES, "accurate", changed)
+    assert bench.settings_id("zero") != before  # rows scored under the old default are not resumed
