@@ -447,12 +447,14 @@ def box_plots(rows: Sequence[Mapping[str, Any]], metric: str, label: str, path: 
         data = [_values(rows, m, p, structure, metric) for m, p in pairs]
         data = [d[~np.isnan(d)] for d in data]
         ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(pairs) + 1), [f"{m}\n({p})" for m, p in pairs], rotation=70, fontsize=8)
+        names = [f"{m}\n({p})" for m, p in pairs]
+        # long method names end at their tick instead of running under the neighbouring panels
+        ax.set_xticks(range(1, len(pairs) + 1), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
         ax.set_title(SHORT[structure])
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(label)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
