@@ -154,6 +154,9 @@ def test_restore_item_and_inference_writer(tmp_path: Path) -> None:
     # reg = planning contours, seg = background: the paths disagree completely on the prostate
     assert qa["structures"]["prostate"]["dsc"] == 0.0 and qa["structures"]["prostate"]["msd_mm"] is None
     assert qa["structures"]["prostate"]["source"] == "reg" and qa["ddf"]["folding_fraction"] == 0.0
+    assert (
+        "prostate: registration and segmentation paths disagree (DSC 0.00 < 0.70); review this structure" in qa["flags"]
+    )
     labels = nib.load(folder / "p0_f1_labels.nii.gz")
     ddf = nib.load(folder / "p0_f1_ddf.nii.gz")
     np.testing.assert_allclose(labels.affine, affine)

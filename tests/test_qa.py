@@ -93,3 +93,21 @@ def test_poor_overlap_is_flagged_once_by_dsc() -> None:
     reg[22:42, 10:30, 10:30] = 1  # shifted by 12 mm: DSC 0.4 and HD95 12 mm
     flags = [f for f in _report(reg, seg, PipelineSettings())["flags"] if f.startswith("prostate:")]
     assert len(flags) == 1 and "DSC" in flags[0]
+
+
+def test_the_bundle_and_the_app_flag_the_same_disagreements() -> None:
+    from prostate_jrs.evaluation.restore import DailyGridResult
+    from prostate_jrs.evaluation.writers import path_agreement
+
+    seg = np.zeros((48, 48, 48), dtype=np.uint8)
+    seg[10:30, 10:30, 10:30] = 1
+    seg[30:40, 10:30, 10:30] = 4
+    reg = seg.copy()
+    reg[14:26, 14:26, 30:44] = 1  # a local disagreement of the prostate (distance), none of the bladder
+    app = [f for f in _report(reg, seg, PipelineSettings())["flags"] if "disagree" in f]
+    result = DailyGridResult(
+        ddf=np.zeros((3, *seg.shape), np.float32), reg=reg, seg=seg, labels=reg, affine=np.eye(4), fov=seg > 0
+    )
+    source = {"prostate": "reg", "seminal_vesicles": "reg", "rectum": "reg", "bladder": "reg"}
+    assert path_agreement(result, source)["flags"] == app and len(app) == 1 and app[0].startswith("prostate:")
+    assert path_agreement(result, source, disagreement_hd95_mm=20.0)["flags"] == []

@@ -61,7 +61,7 @@ from prostate_jrs.hounsfield import BODY_HU
 from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.preprocessing import ModelInputs, PreprocessingError, box_corners, model_grid, model_inputs
-from prostate_jrs.qa import quality_report
+from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, quality_report
 from prostate_jrs.refine import RefineSettings, context_similarity, refine_context, refine_prediction
 from prostate_jrs.rigid import RigidAlignment
 from prostate_jrs.trust import model_hash_problem
@@ -136,11 +136,8 @@ class PipelineSettings:
     contour_source: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     rigid: bool = True
-    disagreement_dsc: float = 0.7
-    # above the generic model's largest distance between its refined registration path and its segmentation path on
-    # the training site's adaptation phantoms (5.7 mm over 12 fractions x 4 structures), below the local errors
-    # (8-12 mm) that the DSC limit missed on a site unlike the training data; bundle docs, "The app's review flags"
-    disagreement_hd95_mm: float = 7.0
+    disagreement_dsc: float = DISAGREEMENT_DSC
+    disagreement_hd95_mm: float = DISAGREEMENT_HD95_MM
     folding_limit: float = 0.001
     volume_change_limit_pct: float = 50.0
     residual_limit: float = 3.0

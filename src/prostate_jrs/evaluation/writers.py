@@ -37,6 +37,7 @@ from prostate_jrs.inferers import RefiningInferer
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 from prostate_jrs.preprocessing import DAILY_TO_PLANNING, ras_map
+from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, disagreement_flag
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, TRUE_DDF, case_name
 
 if TYPE_CHECKING:
@@ -117,13 +118,24 @@ def restore_item(
     return case_name(daily_path), result
 
 
-def path_agreement(result: DailyGridResult, contour_source: Mapping[str, str]) -> dict[str, Any]:
+def path_agreement(
+    result: DailyGridResult,
+    contour_source: Mapping[str, str],
+    disagreement_dsc: float = DISAGREEMENT_DSC,
+    disagreement_hd95_mm: float = DISAGREEMENT_HD95_MM,
+) -> dict[str, Any]:
     """QA signal of one case: how far the registration and segmentation paths agree, and DDF folding.
+
+    Args:
+        result: the case on its daily grid.
+        contour_source: structure -> path of its final contour.
+        disagreement_dsc: flag a structure whose paths overlap less (the app's limit, :mod:`prostate_jrs.qa`).
+        disagreement_hd95_mm: flag a structure whose paths are farther apart at the 95th percentile (mm).
 
     Returns:
         ``{"structures": {name: {"source", "dsc", "msd_mm", "hd95_mm", "reg_volume_ml", "seg_volume_ml"}},
-        "ddf": {"folding_fraction", "jacobian_std", "jacobian_min", "jacobian_max"}}``; distances that do not
-        exist (a structure missing from a path) are ``None``.
+        "ddf": {"folding_fraction", "jacobian_std", "jacobian_min", "jacobian_max"}, "flags": [str, ...]}``;
+        distances that do not exist (a structure missing from a path) are ``None``.
     """
 
     def _clean(value: float) -> float | None:
@@ -131,7 +143,10 @@ def path_agreement(result: DailyGridResult, contour_source: Mapping[str, str]) -
 
     spacing = spacing_from_affine(result.affine)
     structures = {}
+    flags = []
     for name, m in structure_metrics(result.reg, result.seg, spacing).items():
+        if flag := disagreement_flag(name, m.dsc, m.hd95_mm, disagreement_dsc, disagreement_hd95_mm):
+            flags.append(flag)
         structures[name] = {
             "source": contour_source[name],
             "dsc": _clean(m.dsc),
@@ -141,7 +156,7 @@ def path_agreement(result: DailyGridResult, contour_source: Mapping[str, str]) -
             "seg_volume_ml": _clean(m.reference_volume_ml),
         }
     quality = deformation_quality(result.ddf, mask=result.fov if result.fov.any() else None)
-    return {"structures": structures, "ddf": {k: _clean(v) for k, v in quality.as_dict().items()}}
+    return {"structures": structures, "ddf": {k: _clean(v) for k, v in quality.as_dict().items()}, "flags": flags}
 
 
 class _CaseWriter:
@@ -319,10 +334,10 @@ class InferenceWriter(_CaseWriter):
 
     ``labels``: final contours (uint8, 0..4); ``ddf``: float32 ``(I, J, K, 3)`` in voxel units of the daily grid
     (docs/ARCHITECTURE.md, "DDF convention"); ``seg``: the segmentation path (uint8). With ``write_qa`` also
-    ``NAME_qa.json``: the agreement of the two paths per structure and the DDF's folding (:func:`path_agreement`),
-    the QA signal (docs/ARCHITECTURE.md, "Contour source"). A case's folder appears complete or not at all (written
-    under a temporary name, then renamed).
-    The daily NIfTI header is copied, so the files overlay the daily CT exactly.
+    ``NAME_qa.json``: the agreement of the two paths per structure, the DDF's folding and the app's review flags of
+    disagreeing paths (:func:`path_agreement`), the QA signal (docs/ARCHITECTURE.md, "Contour source"). A case's
+    folder appears complete or not at all (written under a temporary name, then renamed). The daily NIfTI header is
+    copied, so the files overlay the daily CT exactly.
 
     Args:
         output_dir: output folder ``O``.
@@ -331,6 +346,8 @@ class InferenceWriter(_CaseWriter):
         write_qa: also write ``NAME_qa.json``.
         refiner: the evaluator's refining inferer; its report of each case (mode, budget, similarity before and
             after, seconds) goes into ``NAME_qa.json`` under ``refine``.
+        disagreement_dsc: review flag below this DSC of the two paths (the bundle's ``qa_disagreement_dsc``).
+        disagreement_hd95_mm: review flag above this HD95 (mm) of the two paths (``qa_disagreement_hd95_mm``).
     """
 
     def __init__(
@@ -340,9 +357,12 @@ class InferenceWriter(_CaseWriter):
         contour_source: Mapping[str, str] | None = None,
         write_qa: bool = True,
         refiner: RefiningInferer | None = None,
+        disagreement_dsc: float = DISAGREEMENT_DSC,
+        disagreement_hd95_mm: float = DISAGREEMENT_HD95_MM,
     ) -> None:
         super().__init__(output_dir, network_name, contour_source, refiner)
         self.write_qa = write_qa
+        self.limits = (disagreement_dsc, disagreement_hd95_mm)
 
     def attach(self, engine: Engine) -> None:
         """Register on ITERATION_COMPLETED."""
@@ -380,7 +400,10 @@ class InferenceWriter(_CaseWriter):
             image.set_data_dtype(data.dtype)
             nib.save(image, str(partial / f"{name}_{suffix}.nii.gz"))
         if self.write_qa:
-            qa = {**path_agreement(result, self.contour_source), "refine": dict(refine or {"mode": "off"})}
+            qa = {
+                **path_agreement(result, self.contour_source, *self.limits),
+                "refine": dict(refine or {"mode": "off"}),
+            }
             (partial / f"{name}_qa.json").write_text(json.dumps(qa, indent=2, allow_nan=False), encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
