@@ -21,8 +21,10 @@ Usage::
 
 ``--data`` is made by ``prostate-jrs synth`` with the given options when it holds no ``datalist.json``. Trained
 networks are kept under ``--runs`` and reused when their checkpoint exists and was trained for the same ``--epochs``
-(a checkpoint of another budget stops the run; delete it to retrain). ``--tiny``
-shrinks everything (3 patients, 4 mm, narrow networks, 1 epoch, short elastix) so CI can run the whole script.
+(a checkpoint of another budget stops the run; delete it to retrain); an evaluation is reused when it is newer than
+its checkpoint and ran the same overrides and refinement settings (a changed refinement default is evaluated again).
+``--tiny`` shrinks everything (3 patients, 4 mm, narrow networks, 1 epoch, short elastix) so CI can run the whole
+script.
 """
 
 from __future__ import annotations
@@ -200,18 +202,22 @@ def _evaluate(
     paths: Sequence[str],
     refine: str = "off",
 ) -> dict[str, Any]:
-    """Score one checkpoint by ``evaluate.json`` (reused when newer than the checkpoint); rows of ``refine``."""
+    """Score one checkpoint by ``evaluate.json`` (reused when newer than the checkpoint and run with the same
+    settings, :func:`evaluation_key`); rows of ``refine``."""
     configs = [args.bundle / "configs" / "train.json", args.bundle / "configs" / "evaluate.json"]
     metrics, timing = run / "eval" / "metrics_per_case.csv", run / "eval_seconds.json"
     checkpoint = Path(str(overrides.get("validate#handlers#0#load_path", Path(overrides["ckpt_dir"]) / "model.pt")))
-    if metrics.is_file() and timing.is_file() and metrics.stat().st_mtime > checkpoint.stat().st_mtime:
+    key = evaluation_key(overrides)
+    stored = json.loads(timing.read_text()) if timing.is_file() else {}
+    fresh = metrics.is_file() and metrics.stat().st_mtime > checkpoint.stat().st_mtime
+    if fresh and stored.get("key") == key:
         print(f"{label}: reusing {metrics}", flush=True)
-        seconds = json.loads(timing.read_text())["seconds"]
+        seconds = stored["seconds"]
     else:
         print(f"evaluating {label} ...", flush=True)
         overrides = {**overrides, "output_dir": str(run / "eval")}
         seconds = _bundle_run(configs, overrides, run / "eval.log", args.threads)
-        timing.write_text(json.dumps({"seconds": seconds}))
+        timing.write_text(json.dumps({"seconds": seconds, "key": key}))
     rows = [
         {**r, "method": label}
         for r in _read_csv(run / "eval" / "metrics_per_case.csv")
@@ -226,6 +232,16 @@ def _evaluate(
     if refine != "off":
         result["registration_seconds_per_pair"] = float(np.mean([float(r["refine_seconds"]) for r in ddf]))
     return result
+
+
+def evaluation_key(overrides: Mapping[str, Any]) -> str:
+    """What an evaluation ran: its config overrides and, when it refines, the library's settings of that mode (an
+    evaluation cached under an older refinement default is stale)."""
+    from prostate_jrs.refine import refine_settings
+
+    mode = overrides.get("refine#mode", "off")
+    resolved = refine_settings(mode, overrides.get("refine#settings")) if mode != "off" else None
+    return json.dumps({"overrides": dict(overrides), "refine": repr(resolved)}, sort_keys=True, default=str)
 
 
 def run_baseline(method: str, data: Path, tiny: bool, margin_mm: float, threads: int, runs: Path) -> dict[str, Any]:

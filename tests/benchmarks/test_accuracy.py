@@ -74,3 +74,20 @@ def test_a_checkpoint_of_another_budget_is_not_reused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"trained for 10 epochs .*not --epochs 50"):
         accuracy._check_budget(run, 50)
     accuracy._check_budget(run, 10)
+
+
+def test_a_cached_evaluation_is_keyed_by_the_refinement_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import prostate_jrs.refine as refine
+
+    accuracy = _load()
+    overrides = {"ckpt_dir": "C", "refine#mode": "accurate", "refine#settings": {}}
+    key = accuracy.evaluation_key(overrides)
+    assert key == accuracy.evaluation_key(dict(overrides))
+    assert key != accuracy.evaluation_key({**overrides, "refine#settings": {"control_spacing": (8, 4, 4)}})
+    assert key != accuracy.evaluation_key({**overrides, "refine#mode": "off"})
+    # the same overrides under another library default are another evaluation
+    changed = dataclasses.replace(refine.REFINE_MODES["accurate"], iterations=(1, 1, 1))
+    monkeypatch.setitem(refine.REFINE_MODES, "accurate", changed)
+    assert accuracy.evaluation_key(overrides) != key
