@@ -15,10 +15,9 @@ Final contours are scored on the daily CT's grid against the phantom's truth (DS
 Writes to ``--out``: ``adaptation.md`` (mean (SD) per model, refinement and structure; the paired Wilcoxon signed-rank
 test of MSD, adapted vs generic, per structure and on the per-fraction mean; the app's QA review flags per model:
 fractions flagged, and of the fractions with a structure beyond the recipe's 1.5 mm MSD limit or with a local error
-(HD95 above 5 mm) how many had a flag naming that structure;
-seconds per adaptation; the machine and its load), ``adaptation.json``, ``per_case.csv`` (per fraction, model,
-refinement and structure: the metrics, the QA flag and the QA's agreement of the two paths, ``qa_*``) and
-``adaptation_msd.png``.
+(HD95 above 5 mm) how many had a flag naming that structure; seconds per adaptation; the machine and its load),
+``adaptation.json``, ``per_case.csv`` (per fraction, model, refinement and structure: the metrics, the QA flag and
+the QA's agreement of the two paths, ``qa_*``) and ``adaptation_msd.png``.
 The Markdown is printed too.
 
 Usage::
