@@ -230,8 +230,7 @@ def evaluate_fraction(
                 flagged = any(flag.startswith(f"{structure}:") for flag in result.qa["flags"])
                 agreement = {f"qa_{k}": result.qa["structures"][structure][k] for k in QA_AGREEMENT}
                 row = {"model": model, "refine": label, "structure": structure, **values, "flagged": flagged}
-                row.update(agreement)
-                mine.append({**row, "seconds": seconds})
+                mine.append({**row, **agreement, "seconds": seconds})
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
             stored.write_text(json.dumps(mine))
@@ -413,9 +412,8 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    qa_columns = [f"qa_{k}" for k in QA_AGREEMENT]
-    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "flagged", *qa_columns]
-    columns.append("seconds")
+    columns = ["case", "patient", "fraction", "model", "refine", "structure", *METRICS, "flagged"]
+    columns += [*(f"qa_{k}" for k in QA_AGREEMENT), "seconds"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -52,7 +52,7 @@ from prostate_jrs.adaptation.finetune import AdaptSettings
 from prostate_jrs.dicom_session import load_session
 from prostate_jrs.phantom.handover import fraction_folders
 from prostate_jrs.pipeline import PipelineSettings, load_bundle, run_pipeline
-from prostate_jrs.refine import refine_settings
+from prostate_jrs.refine import RefineSettings, refine_settings
 from prostate_jrs.rigid import RigidAlignment, align_on_bone
 
 #: Refinements of the bundle's mode: overrides of its settings (``None``: refinement off).
@@ -94,18 +94,30 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _settings(refinement: str) -> RefineSettings | None:
+    """``refinement``'s overrides resolved against the library's current ``accurate`` mode; ``None``: off."""
+    overrides = REFINEMENTS[refinement]
+    return None if overrides is None else refine_settings("accurate", overrides)
+
+
 def reads_network(refinement: str) -> bool:
     """Whether the final contours of ``refinement`` depend on the network: no refinement, or one whose settings
     (overrides of the ``accurate`` mode) read its output (:attr:`RefineSettings.needs_network`)."""
-    settings = refine_settings("accurate", REFINEMENTS[refinement]) if REFINEMENTS[refinement] is not None else None
+    settings = _settings(refinement)
     return settings is None or settings.needs_network
 
 
 def settings_id(refinement: str) -> str:
     """What ``refinement`` runs, resolved against the library's current ``accurate`` mode (rows keyed by it go stale
     when the bundle's default changes)."""
-    overrides = REFINEMENTS[refinement]
-    return "off" if overrides is None else repr(refine_settings("accurate", overrides))
+    settings = _settings(refinement)
+    return "off" if settings is None else repr(settings)
+
+
+def current_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows (read back from ``rows.jsonl``) of refinements this script still runs, scored with the settings they
+    have now; the others (a renamed variant, an older default) are neither reused nor reported."""
+    return [r for r in rows if r["refine"] in REFINEMENTS and r.get("settings") == settings_id(r["refine"])]
 
 
 def variants(approved: Sequence[int]) -> list[tuple[str, str]]:
@@ -195,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sink = args.out / "rows.jsonl"
     rows = [json.loads(line) for line in sink.read_text().splitlines()] if sink.is_file() else []
-    rows = [r for r in rows if r.get("settings") == settings_id(r["refine"])]
+    rows = current_rows(rows)
     done = {(r["case"], r["model"], r["refine"]) for r in rows}
     last = max(args.approved)
     for pid, fractions in sorted(fraction_folders(data, args.work / "sessions").items()):

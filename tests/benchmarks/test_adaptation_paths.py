@@ -70,3 +70,12 @@ def test_settings_id_follows_the_library_default(bench: ModuleType, monkeypatch:
     changed = dataclasses.replace(refine.REFINE_MODES["accurate"], iterations=(1, 1, 1))
     monkeypatch.setitem(refine.REFINE_MODES, "accurate", changed)
     assert bench.settings_id("zero") != before  # rows scored under the old default are not resumed
+
+
+def test_rows_of_other_settings_or_retired_variants_are_not_reused(bench: ModuleType) -> None:
+    current = {"case": "P_f03", "model": "generic", "refine": "zero", "settings": bench.settings_id("zero")}
+    stale = {**current, "settings": bench.settings_id("nodes8")}  # scored when the default was the 8-voxel grid
+    unkeyed = {key: value for key, value in current.items() if key != "settings"}  # written before rows had settings
+    retired = {**current, "refine": "nodes16", "settings": "anything"}  # a variant this script no longer runs
+    off = {**current, "refine": "off", "settings": "off"}
+    assert bench.current_rows([current, stale, unkeyed, retired, off]) == [current, off]
