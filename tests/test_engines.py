@@ -166,6 +166,13 @@ def test_restore_item_and_inference_writer(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".*"))  # no partial folder left behind
 
 
+def test_inference_writer_refuses_limits_that_would_flag_everything_or_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="qa_disagreement_hd95_mm must be a positive distance"):
+        InferenceWriter(tmp_path / "out", disagreement_hd95_mm=float("nan"))
+    with pytest.raises(ValueError, match="qa_disagreement_dsc must be a DSC"):
+        InferenceWriter(tmp_path / "out", disagreement_dsc=-0.1)
+
+
 def test_inference_writer_replaces_a_previous_result(tmp_path: Path) -> None:
     daily, _, affine = _daily_files(tmp_path)
     zeros = np.zeros((16, 14, 10), dtype=np.uint8)

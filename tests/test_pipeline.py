@@ -259,6 +259,15 @@ def test_load_bundle_reads_settings_and_weights(tmp_path: Path) -> None:
     assert settings.network_name == "cross_stitch" and settings.resolved_contour_source["rectum"] == "seg"
     assert (settings.disagreement_dsc, settings.disagreement_hd95_mm) == (0.7, 7.0)  # the QA limits of the bundle
     assert load_bundle(bundle, overrides={"qa_disagreement_hd95_mm": 5})[1].disagreement_hd95_mm == 5.0
+    for key, bad in (
+        ("qa_disagreement_hd95_mm", "far"),
+        ("qa_disagreement_hd95_mm", float("nan")),
+        ("qa_disagreement_hd95_mm", -1),
+        ("qa_disagreement_dsc", 1.5),
+        ("qa_disagreement_dsc", None),
+    ):
+        with pytest.raises(BundleError, match=rf"inference\.json: {key} must be"):
+            load_bundle(bundle, overrides={key: bad})
     assert not network.training
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(network.state_dict()[name], value)

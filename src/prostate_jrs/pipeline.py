@@ -61,7 +61,7 @@ from prostate_jrs.hounsfield import BODY_HU
 from prostate_jrs.inferers import RefiningInferer, ValidPatchInferer
 from prostate_jrs.labels import NUM_CLASSES
 from prostate_jrs.preprocessing import ModelInputs, PreprocessingError, box_corners, model_grid, model_inputs
-from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, quality_report
+from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, check_disagreement_limits, quality_report
 from prostate_jrs.refine import RefineSettings, context_similarity, refine_context, refine_prediction
 from prostate_jrs.rigid import RigidAlignment
 from prostate_jrs.trust import model_hash_problem
@@ -154,6 +154,7 @@ class PipelineSettings:
         resolve_contour_source(self.network_name, self.contour_source)  # raises on unknown names or paths
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check_disagreement_limits(self.disagreement_dsc, self.disagreement_hd95_mm)
 
     @property
     def resolved_contour_source(self) -> dict[str, str]:
@@ -227,7 +228,8 @@ def load_bundle(
 
     Raises:
         BundleError: if ``configs/inference.json`` or ``models/model.pt`` is missing, the weights are not those whose
-            sha256 ``configs/metadata.json`` records, or they do not fit the configured network.
+            sha256 ``configs/metadata.json`` records, they do not fit the configured network, or a setting of
+            ``inference.json`` is out of range (the message names the file and the key).
     """
     from monai.bundle import ConfigParser  # bundle parsing pulls in the config machinery; keep it off import
 
@@ -238,7 +240,10 @@ def load_bundle(
     parser["bundle_root"] = str(root)
     for key, setting in dict(overrides or {}).items():
         parser[key] = setting
-    settings = _settings_from_config(parser, device)
+    try:
+        settings = _settings_from_config(parser, device)
+    except ValueError as err:  # a bad value names the config it came from
+        raise BundleError(f"{config_file}: {err}") from err
     network = parser.get_parsed_content("network_def", instantiate=True)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
@@ -279,6 +284,13 @@ def _settings_from_config(parser: ConfigParser, device: str) -> PipelineSettings
     def value(key: str, default: Any) -> Any:
         return parser.get_parsed_content(key) if key in parser else default
 
+    def number(key: str, default: float) -> float:
+        raw = value(key, default)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number, got {raw!r}") from None
+
     # tiling as the bundle's inferer does it (valid convolutions: any tile size works, the bundle picks one)
     inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
     refine = None
@@ -302,8 +314,8 @@ def _settings_from_config(parser: ConfigParser, device: str) -> PipelineSettings
         amp=inferer.amp,
         contour_source=dict(value("contour_source", {}) or {}),
         device=device,
-        disagreement_dsc=float(value("qa_disagreement_dsc", PipelineSettings.disagreement_dsc)),
-        disagreement_hd95_mm=float(value("qa_disagreement_hd95_mm", PipelineSettings.disagreement_hd95_mm)),
+        disagreement_dsc=number("qa_disagreement_dsc", DISAGREEMENT_DSC),
+        disagreement_hd95_mm=number("qa_disagreement_hd95_mm", DISAGREEMENT_HD95_MM),
         refine=refine,
     )
 

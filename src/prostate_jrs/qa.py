@@ -41,6 +41,7 @@ __all__ = [
     "QA_PNG_DPI",
     "QA_PNG_INCHES",
     "QALimits",
+    "check_disagreement_limits",
     "disagreement_flag",
     "quality_report",
     "write_qa_png",
@@ -194,6 +195,18 @@ def _structures_report(
                 f"(limit {settings.volume_change_limit_pct:.0f}%)"
             )
     return structures, flags
+
+
+def check_disagreement_limits(dsc_limit: float, hd95_limit_mm: float) -> None:
+    """Refuse limits under which :func:`disagreement_flag` would flag everything or nothing without saying so.
+
+    Raises:
+        ValueError: naming the bundle key (``qa_disagreement_dsc``, ``qa_disagreement_hd95_mm``) and the value.
+    """
+    if not 0.0 <= dsc_limit <= 1.0:  # NaN fails too
+        raise ValueError(f"qa_disagreement_dsc must be a DSC in [0, 1], got {dsc_limit}")
+    if not 0.0 < hd95_limit_mm < math.inf:
+        raise ValueError(f"qa_disagreement_hd95_mm must be a positive distance (mm), got {hd95_limit_mm}")
 
 
 def disagreement_flag(name: str, dsc: float, hd95_mm: float, dsc_limit: float, hd95_limit_mm: float) -> str:

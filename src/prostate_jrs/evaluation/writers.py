@@ -37,7 +37,7 @@ from prostate_jrs.inferers import RefiningInferer
 from prostate_jrs.labels import STRUCTURES
 from prostate_jrs.metrics import deformation_quality, structure_metrics
 from prostate_jrs.preprocessing import DAILY_TO_PLANNING, ras_map
-from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, disagreement_flag
+from prostate_jrs.qa import DISAGREEMENT_DSC, DISAGREEMENT_HD95_MM, check_disagreement_limits, disagreement_flag
 from prostate_jrs.transforms import FIXED_IMAGE, FIXED_LABEL, IMAGE, MOVING_LABEL, PRED, TRUE_DDF, case_name
 
 if TYPE_CHECKING:
@@ -362,6 +362,7 @@ class InferenceWriter(_CaseWriter):
     ) -> None:
         super().__init__(output_dir, network_name, contour_source, refiner)
         self.write_qa = write_qa
+        check_disagreement_limits(disagreement_dsc, disagreement_hd95_mm)
         self.limits = (disagreement_dsc, disagreement_hd95_mm)
 
     def attach(self, engine: Engine) -> None:
